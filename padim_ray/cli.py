@@ -1,0 +1,121 @@
+"""The padim-ray command line: thin wrappers around library functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from padim_ray.backbones import BACKBONES
+from padim_ray.config import ClusterConfig, ModelConfig
+from padim_ray.errors import PadimError
+
+app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
+
+DEFAULT_STC_ROOT = os.environ.get("PADIM_RAY_STC_ROOT", "data/shanghaitech")
+Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
+
+
+class Source(str, Enum):
+    stc = "stc"
+    videos = "videos"
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail_cleanly(error: PadimError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def fit(
+    source: Annotated[Source, typer.Argument(help="stc: a ShanghaiTech scene; videos: the PATHS given.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Videos or folders of frames (source videos).")] = None,
+    scene: Annotated[Optional[str], typer.Option(help="STC scene id, e.g. 01 (source stc).")] = None,
+    root: Annotated[Path, typer.Option(help="STC dataset root (env PADIM_RAY_STC_ROOT).")] = Path(DEFAULT_STC_ROOT),
+    out: Annotated[Optional[Path], typer.Option(help="Model store to write [stc: models/stc_SCENE_BACKBONE].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model store.")] = False,
+    backbone: Annotated[Backbone, typer.Option(help="Feature extractor.")] = Backbone.resnet18,
+    dims: Annotated[Optional[int], typer.Option(help="Random channel subset d [backbone's default].")] = None,
+    weights: Annotated[str, typer.Option(help="imagenet, none (seeded random init) or a weights file.")] = "imagenet",
+    image_size: Annotated[int, typer.Option(help="Frames are resized to this square size.")] = ModelConfig.image_size,
+    seed: Annotated[int, typer.Option(help="Seed of the channel subset (and of random init).")] = ModelConfig.seed,
+    frame_stride: Annotated[int, typer.Option(help="Use every n-th frame.")] = ModelConfig.frame_stride,
+    batch_size: Annotated[int, typer.Option(help="Frames per forward pass.")] = ClusterConfig.batch_size,
+    actors: Annotated[Optional[int], typer.Option(help="Stats actors [one per GPU, else CPUs - 1].")] = None,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = ClusterConfig.cpus_per_actor,
+    fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
+    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+) -> None:
+    """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs."""
+    from padim_ray.fit import fit_model
+    from padim_ray.stc import scene_videos
+
+    model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
+    cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in)
+    try:
+        if source is Source.stc:
+            if not scene or paths:
+                raise PadimError("fit stc takes --scene (e.g. --scene 01) and no PATHS")
+            inputs = scene_videos(root, scene)
+            if out is None:
+                out = Path("models") / f"stc_{scene}_{backbone.value}"
+                out.parent.mkdir(exist_ok=True)
+        else:
+            if not paths or out is None:
+                raise PadimError("fit videos takes one or more PATHS and --out MODEL")
+            inputs = paths
+        result = fit_model(inputs, out, model, cluster, overwrite=overwrite, address=address)
+    except PadimError as error:
+        _fail_cleanly(error)
+    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s)")
+
+
+@app.command("make-synthetic")
+def make_synthetic_command(
+    root: Annotated[Path, typer.Argument(help="Folder to write the STC-shaped dataset into.")],
+    scenes: Annotated[list[str], typer.Option("--scene", help="Scene ids to generate.")] = ["01"],
+    train_videos: Annotated[int, typer.Option(help="Training videos per scene.")] = 2,
+    train_frames: Annotated[int, typer.Option(help="Frames per training video.")] = 48,
+    test_clips: Annotated[int, typer.Option(help="Test clips per scene.")] = 2,
+    test_frames: Annotated[int, typer.Option(help="Frames per test clip.")] = 40,
+    width: Annotated[int, typer.Option(help="Frame width.")] = 856,
+    height: Annotated[int, typer.Option(help="Frame height.")] = 480,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic STC-shaped dataset with exact anomaly masks."""
+    from padim_ray.synthetic import SyntheticSpec, make_synthetic
+
+    spec = SyntheticSpec(
+        scenes=tuple(scenes), train_videos=train_videos, train_frames=train_frames, test_clips=test_clips,
+        test_frames=test_frames, width=width, height=height, seed=seed,
+    )
+    typer.echo(f"dataset: {make_synthetic(root, spec)}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its data and model.")] = Path("padim-demo"),
+    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+) -> None:
+    """Offline end to end: generate a synthetic scene, fit PaDiM with pretrained EfficientNet-Lite0."""
+    from padim_ray.demo import run_demo
+
+    try:
+        run_demo(workdir, address=address)
+    except PadimError as error:
+        _fail_cleanly(error)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

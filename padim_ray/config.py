@@ -1,0 +1,36 @@
+"""Defaults in one place: every number here comes from the PaDiM paper or from a measured limit."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+FORMAT_VERSION = 1  # model store layout; bump when store.py changes what it writes
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What defines a PaDiM model: two fits with equal ModelConfigs on equal frames are equal."""
+
+    backbone: str = "resnet18"  # PaDiM-R18-Rd100, the paper's STC entry (91.2 pixel AUROC)
+    dims: int | None = None  # None: the backbone's default (100 for R18, 550 for WR50)
+    weights: str = "imagenet"  # "imagenet", "none" (seeded random init) or a file path
+    image_size: int = 256  # STC frames are resized to 256x256, aspect not kept (paper, sec. 4)
+    seed: int = 1024  # seeds the random channel subset ("Rd") and random-init weights
+    eps: float = 0.01  # regulariser added to each covariance, eq. (1)
+    frame_stride: int = 1  # use every n-th frame of each video (1 = all frames)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How a fit is spread over Ray; changes speed, never the result."""
+
+    actors: int | None = None  # None: one per GPU, or on CPU clusters leave one CPU for decoding
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0  # CPU actors run torch on this many threads
+    batch_size: int = 32  # frames per forward pass
+    fan_in: int = 4  # partials merged per reduction task
+    shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store
+    decode_batch: int = 16  # frames per block emitted by a decode task

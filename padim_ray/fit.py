@@ -1,0 +1,244 @@
+"""The distributed fit: frames -> stats actors -> tree reduction per position shard -> model store."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from padim_ray.config import ClusterConfig, ModelConfig
+from padim_ray.embedding import Embedder
+from padim_ray.errors import PadimError
+from padim_ray.gaussian import GaussianStats, finalize, merge_stats
+from padim_ray.runtime import connect, plan_actors, unwrap_user_error
+from padim_ray.store import check_target, create_model_store, publish, remove_tree, staging_path, write_shard
+from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
+
+log = logging.getLogger(__name__)
+
+# (device) -> (frames batch) -> embeddings (B, d, h, w); picklable, built once inside each actor
+EmbedderFactory = Callable[[torch.device], Callable[[np.ndarray], torch.Tensor]]
+
+
+class FrameAccountingError(PadimError):
+    """The frames accumulated differ from the frames decoded."""
+
+
+@dataclass
+class Accounting:
+    """What one actor (or, merged, the whole fit) consumed: rows per work unit and units' totals."""
+
+    rows: Counter = field(default_factory=Counter)  # unit id -> rows accumulated
+    totals: dict = field(default_factory=dict)  # unit id -> frames the decoder produced for it
+    count: int = 0  # embeddings folded into the statistics
+
+    def merge(self, other: Accounting) -> Accounting:
+        twice = self.totals.keys() & other.totals.keys()
+        if twice:
+            raise FrameAccountingError(f"work units {sorted(twice)} were finished twice")
+        return Accounting(self.rows + other.rows, {**self.totals, **other.totals}, self.count + other.count)
+
+    def check(self, units: list[WorkUnit]) -> int:
+        """Raise unless every unit was decoded and all its frames accumulated exactly once."""
+        paths = {u.uid: u.path for u in units}
+        for uid, path in paths.items():
+            if uid not in self.totals:
+                raise FrameAccountingError(f"input {path} was never fully decoded; the fit is incomplete")
+            if self.rows[uid] != self.totals[uid]:
+                raise FrameAccountingError(
+                    f"input {path}: decoded {self.totals[uid]} frames but accumulated {self.rows[uid]}"
+                )
+        frames = sum(self.totals.values())
+        if frames != self.count:
+            raise FrameAccountingError(f"statistics hold {self.count} frames, the inputs decoded to {frames}")
+        return frames
+
+
+@ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
+class StatsActor:
+    """Embeds its split of the frame stream and accumulates per-position statistics locally."""
+
+    def __init__(self, make_embedder: EmbedderFactory, positions: int, dims: int, threads: int):
+        torch.set_num_threads(threads)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
+        self.embed = make_embedder(device)
+        self.stats = GaussianStats.empty(positions, dims, device)
+        self.accounting = Accounting()
+        self.frames = 0
+
+    def consume(self, split, batch_size: int) -> Accounting:
+        for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            self.stats.update(self.embed(batch["frame"]))
+            units, counts = np.unique(batch["unit"], return_counts=True)
+            self.accounting.rows.update(dict(zip(units.tolist(), counts.tolist())))
+            last = batch["unit_total"] != NOT_LAST
+            self.accounting.totals.update(zip(batch["unit"][last].tolist(), batch["unit_total"][last].tolist()))
+            self.frames += len(batch["unit"])
+        self.accounting.count = self.stats.count
+        return self.accounting
+
+    def progress(self) -> int:
+        return self.frames
+
+    def shards(self, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
+        parts = [self.stats.shard(start, stop) for start, stop in bounds]
+        return parts if len(parts) > 1 else parts[0]  # Ray stores a single return value as is
+
+
+def shard_bounds(positions: int, dims: int, shard_bytes: int) -> list[tuple[int, int]]:
+    """Equal position ranges whose float64 M2 is at most `shard_bytes` each (at least one position)."""
+    per_position = dims * dims * 8
+    count = max(1, math.ceil(positions * per_position / shard_bytes))
+    size = math.ceil(positions / count)
+    return [(start, min(start + size, positions)) for start in range(0, positions, size)]
+
+
+@ray.remote
+def merge_partials(*partials: GaussianStats) -> GaussianStats:
+    """One node of the reduction tree."""
+    return functools.reduce(merge_stats, partials)
+
+
+def reduce_tree(refs: list, fan_in: int):
+    """Merge partials of one shard in a tree of Ray tasks; returns the root's ObjectRef."""
+    if fan_in < 2:
+        raise PadimError(f"--fan-in must be at least 2, got {fan_in}")
+    while len(refs) > 1:
+        refs = [merge_partials.remote(*refs[i : i + fan_in]) for i in range(0, len(refs), fan_in)]
+    return refs[0]
+
+
+def accumulate(
+    dataset,
+    make_embedder: EmbedderFactory,
+    positions: int,
+    dims: int,
+    cluster: ClusterConfig,
+    expected_frames: int | None = None,
+) -> tuple[list, list[tuple[int, int]], Accounting]:
+    """Stream `dataset` (columns frame, unit, unit_total) through stats actors.
+
+    Returns:
+        One reduced ObjectRef of GaussianStats per position shard, the shard bounds, and the
+        merged accounting. Only the caller owns the refs; the driver never fetches them.
+    """
+    plan = plan_actors(cluster)
+    bounds = shard_bounds(positions, dims, cluster.shard_bytes)
+    options = dict(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    actors = [StatsActor.options(**options).remote(make_embedder, positions, dims, plan.torch_threads) for _ in range(plan.actors)]
+    log.info("fit: %d actors (%g CPU, %g GPU each), %d position shards", plan.actors, plan.num_cpus, plan.num_gpus, len(bounds))
+    try:
+        splits = dataset.streaming_split(plan.actors, equal=False)  # equal=True would drop rows
+        pending = [actor.consume.remote(split, cluster.batch_size) for actor, split in zip(actors, splits)]
+        consumed = list(pending)
+        with tqdm(total=expected_frames, unit="frame", desc="fit", file=sys.stderr, mininterval=2) as bar:
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+                bar.update(sum(ray.get([actor.progress.remote() for actor in actors])) - bar.n)
+        accounting = functools.reduce(Accounting.merge, ray.get(consumed))
+        per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in actors]
+        per_actor = [refs if isinstance(refs, list) else [refs] for refs in per_actor]
+        ray.wait([ref for refs in per_actor for ref in refs], num_returns=len(bounds) * len(actors), fetch_local=False)
+    finally:
+        for actor in actors:  # the shards live on in the object store, owned by this driver
+            ray.kill(actor)
+    roots = [reduce_tree([refs[s] for refs in per_actor], cluster.fan_in) for s in range(len(bounds))]
+    return roots, bounds, accounting
+
+
+@ray.remote
+def finalize_shard(stats: GaussianStats, staging: str, start: int, eps: float) -> int:
+    """Finalize one shard (eq. 1) and write its chunks of the model store; returns its frame count."""
+    gaussians = finalize(stats, eps)
+    arrays = {
+        "mean": gaussians.mean,
+        "covariance": gaussians.covariance,
+        "precision": gaussians.precision,
+        "m2": stats.m2,
+    }
+    write_shard(Path(staging), start, {name: tensor.numpy() for name, tensor in arrays.items()})
+    return stats.count
+
+
+@dataclass
+class FitResult:
+    out: Path
+    frames: int
+    seconds: float
+
+
+def fit_model(
+    inputs: list[str | Path],
+    out: str | Path,
+    model: ModelConfig = ModelConfig(),
+    cluster: ClusterConfig = ClusterConfig(),
+    overwrite: bool = False,
+    address: str | None = None,
+) -> FitResult:
+    """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`."""
+    started = time.monotonic()
+    out = Path(out)
+    check_target(out, overwrite)
+    if model.frame_stride < 1:
+        raise PadimError(f"--frame-stride must be at least 1, got {model.frame_stride}")
+    units, estimate = make_units(expand_inputs(list(inputs)))
+    embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
+    connect(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
+    dataset = frames_dataset(units, model.image_size, model.frame_stride, cluster.decode_batch)
+    make_embedder = functools.partial(Embedder, model)
+    staging = staging_path(out)
+    try:
+        roots, bounds, accounting = accumulate(
+            dataset, make_embedder, embedder.positions, embedder.dims, cluster, math.ceil(estimate / model.frame_stride)
+        )
+        frames = accounting.check(units)
+        create_model_store(staging, embedder.positions, embedder.dims, bounds[0][1] - bounds[0][0])
+        counts = ray.get([finalize_shard.remote(root, str(staging), start, model.eps) for root, (start, _) in zip(roots, bounds)])
+        if set(counts) != {frames}:
+            raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
+        publish(staging, out, _attributes(model, embedder, units, accounting), overwrite)
+    except Exception as err:
+        user_error = unwrap_user_error(err)
+        if user_error is err:
+            raise
+        raise user_error from None
+    finally:
+        remove_tree(staging)
+    seconds = time.monotonic() - started
+    log.info("fit: %d frames in %.1f s -> %s", frames, seconds, out)
+    return FitResult(out=out, frames=frames, seconds=seconds)
+
+
+def _attributes(model: ModelConfig, embedder: Embedder, units: list[WorkUnit], accounting: Accounting) -> dict:
+    spec = embedder.spec
+    return {
+        "package_version": version("padim-ray"),
+        "config": {**model.to_dict(), "dims": embedder.dims},
+        "backbone": spec.name,
+        "weights_identity": embedder.weights_identity,
+        "stages": list(spec.stages),
+        "stage_channels": list(spec.channels),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "image_size": model.image_size,
+        "grid": list(embedder.grid),
+        "dims": embedder.dims,
+        "channel_indices": embedder.channel_indices.tolist(),
+        "eps": model.eps,
+        "frames": accounting.count,
+        "sources": [
+            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accounting.totals[u.uid]} for u in units
+        ],
+    }

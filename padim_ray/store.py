@@ -1,0 +1,120 @@
+"""The zarr v3 model store: arrays chunked by position, written shard by shard, published atomically.
+
+Layout of MODEL/ (a zarr v3 group):
+    mean        (P, d)     float64   per-position mean
+    covariance  (P, d, d)  float64   M2 / (N - 1) + eps * I (eq. 1)
+    precision   (P, d, d)  float32   inverse covariance, the dtype scoring uses
+    m2          (P, d, d)  float64   sum of outer products of deviations: with `frames` and `mean`,
+                                     the exact state needed to merge more footage later
+    attributes: format_version, package_version, model config, backbone facts, channel_indices, grid,
+                frames, sources, ...
+Every array is chunked along positions only, one chunk per reduction shard, so each reducer writes
+whole chunks (zarr read-modify-writes chunks: two writers in one chunk would race).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from padim_ray.config import FORMAT_VERSION
+from padim_ray.errors import PadimError
+
+ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
+
+
+class StoreError(PadimError):
+    """A model store that cannot be written or read."""
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Fail before any work if `out` exists (without overwrite) or its folder is not writable."""
+    if out.exists() and not overwrite:
+        raise StoreError(f"output {out} already exists; pass --overwrite or choose another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise StoreError(f"output folder {parent} does not exist; create it or choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"output folder {parent} is not writable; choose another --out")
+
+
+def staging_path(out: Path) -> Path:
+    """A sibling of `out` to build the store in; renamed onto `out` only when complete."""
+    return out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def create_model_store(path: Path, positions: int, dims: int, shard_positions: int) -> None:
+    """Create the empty arrays of a model store, chunked by `shard_positions`."""
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    for name, dtype in ARRAYS.items():
+        shape = (positions, dims) if name == "mean" else (positions, dims, dims)
+        chunks = (shard_positions,) + shape[1:]
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+
+
+def write_shard(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write one position shard [start, start + len) of every array; shards must align with chunks."""
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    for name, values in arrays.items():
+        group[name][start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
+
+
+def publish(staging: Path, out: Path, attributes: dict, overwrite: bool) -> None:
+    """Record `attributes` and move the finished store onto `out` in one rename."""
+    group = zarr.open_group(str(staging), mode="r+", zarr_format=3)
+    group.attrs.update({"format_version": FORMAT_VERSION, **attributes})
+    if out.exists():
+        if not overwrite:
+            raise StoreError(f"output {out} appeared during the fit; pass --overwrite or choose another --out")
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        remove_tree(trash)
+    else:
+        os.replace(staging, out)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a staging or replaced store, ignoring one that is already gone."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class ModelStore:
+    """An opened model store: attributes in memory, arrays read on demand."""
+
+    path: Path
+    attrs: dict
+    group: zarr.Group
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Positions [start, stop) of array `name` (one of ARRAYS)."""
+        return self.group[name][start:stop]
+
+
+def open_model(path: str | Path) -> ModelStore:
+    """Open a model store, checking that it is one and that this version can read it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"model {path} not found; fit one with `padim-ray fit`")
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception:
+        raise StoreError(f"{path} is not a padim-ray model store (no zarr v3 group); fit one with `padim-ray fit`") from None
+    attrs = dict(group.attrs)
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"model {path} has format version {version}, this padim-ray reads version {FORMAT_VERSION}; "
+            "refit it with this version or install the padim-ray that wrote it"
+        )
+    missing = [name for name in ARRAYS if name not in group]
+    if missing:
+        raise StoreError(f"model {path} lacks arrays {missing}; it is incomplete, refit it")
+    return ModelStore(path=path, attrs=attrs, group=group)

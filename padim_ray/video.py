@@ -1,0 +1,211 @@
+"""Decoding (decord for videos, Pillow for frame folders) and the Ray Data source of frames.
+
+Inputs are cut into work units with stable ids (one video, or a range of one folder's frames). A
+decode task reads one unit sequentially (decord's random access is unreliable on AVI) and marks the
+unit's last row with the number of frames it produced, so consumers can prove every frame was used
+exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from padim_ray.embedding import resize_frames
+from padim_ray.errors import PadimError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+FRAMES_PER_FOLDER_UNIT = 256  # folders of frames are split into units this long for parallelism
+TRUNCATION_TOLERANCE = 1  # frames a header may over-report without the file being cut off
+NOT_LAST = -1  # `unit_total` of every row but a unit's last
+
+
+class VideoError(PadimError):
+    """An input that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A slice of one input that one decode task reads in order."""
+
+    uid: int
+    path: str  # a video file, or a folder of frames
+    start: int = 0  # first frame file (folders only)
+    stop: int | None = None  # one past the last frame file (folders only)
+
+    @property
+    def is_video(self) -> bool:
+        return Path(self.path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The image files of a frame folder, in natural order (2.jpg before 10.jpg)."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+
+
+def expand_inputs(paths: list[str | Path]) -> list[Path]:
+    """Videos and frame folders named by `paths`; a folder of videos expands to its videos."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise VideoError(f"input {path} does not exist; pass video files or folders of frames")
+        if path.is_file():
+            if path.suffix.lower() not in VIDEO_SUFFIXES:
+                raise VideoError(f"input {path} is not a video ({', '.join(sorted(VIDEO_SUFFIXES))})")
+            found.append(path)
+        elif frame_files(path):
+            found.append(path)
+        else:
+            videos = sorted((p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES), key=_natural_key)
+            if not videos:
+                raise VideoError(f"folder {path} holds neither frames nor videos; point at a folder of .jpg/.png or videos")
+            found.extend(videos)
+    return found
+
+
+def open_video(path: str | Path):
+    """A decord VideoReader for `path`, or a VideoError naming the file."""
+    import decord
+
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:
+        raise VideoError(f"cannot open video {path} ({_first_line(err)}); is it a complete, readable video file?") from None
+
+
+def declared_frames(path: str | Path) -> int:
+    """The frame count the container's header declares (0 if it declares none).
+
+    decord counts only what it can index, so a cut-off AVI looks complete to it; the header
+    (read with PyAV) still says how long the file should be.
+    """
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.streams.video[0].frames
+    except (av.FFmpegError, IndexError):
+        return 0
+
+
+def make_units(inputs: list[Path]) -> tuple[list[WorkUnit], int]:
+    """Cut inputs into work units and estimate their total frames (from headers, for progress only)."""
+    units: list[WorkUnit] = []
+    estimate = 0
+    for path in inputs:
+        if path.is_dir():
+            count = len(frame_files(path))
+            for start in range(0, count, FRAMES_PER_FOLDER_UNIT):
+                units.append(WorkUnit(len(units), str(path), start, min(start + FRAMES_PER_FOLDER_UNIT, count)))
+            estimate += count
+        else:
+            estimate += len(open_video(path))  # validates the header now, before any cluster work
+            units.append(WorkUnit(len(units), str(path)))
+    return units, estimate
+
+
+def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a unit's (frame index, (H, W, 3) uint8 RGB frame) in order, keeping every `stride`-th."""
+    if unit.is_video:
+        reader = open_video(unit.path)
+        index = 0
+        while True:
+            try:
+                frame = reader.next()
+            except StopIteration:
+                break
+            except Exception as err:
+                raise VideoError(f"video {unit.path} is corrupt at frame {index} ({_first_line(err)}); re-encode or remove it") from None
+            if index % stride == 0:
+                yield index, frame.asnumpy()
+            index += 1
+        declared = declared_frames(unit.path)
+        if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
+            raise VideoError(f"video {unit.path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
+    else:
+        from PIL import Image
+
+        for index, file in enumerate(frame_files(Path(unit.path))[unit.start : unit.stop], start=unit.start):
+            if index % stride == 0:
+                try:
+                    with Image.open(file) as image:
+                        yield index, np.asarray(image.convert("RGB"))
+                except OSError as err:
+                    raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
+
+
+def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> Iterator[dict]:
+    """Ray Data map_batches generator: work units in, blocks of resized frames out.
+
+    Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
+    input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
+    frames the unit produced.
+    """
+    for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
+        unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
+        pending: dict | None = None
+        produced = 0
+        indices: list[int] = []
+        frames: list[np.ndarray] = []
+        for index, frame in iter_unit_frames(unit, stride):
+            indices.append(index)
+            frames.append(frame)
+            if len(frames) == rows_per_block:
+                if pending is not None:
+                    yield pending
+                pending = _block(unit, indices, frames, size)
+                produced += len(frames)
+                indices, frames = [], []
+        if frames:
+            if pending is not None:
+                yield pending
+            pending = _block(unit, indices, frames, size)
+            produced += len(frames)
+        if pending is None:
+            raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
+        pending["unit_total"][-1] = produced
+        yield pending
+
+
+def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray], size: int) -> dict:
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+        raise VideoError(f"frames of {unit.path} differ in size {sorted(shapes)}; all frames of an input must match")
+    resized = resize_frames(torch.from_numpy(np.stack(frames)), size).numpy()  # (n, S, S, 3)
+    return {
+        "frame": resized,
+        "unit": np.full(len(frames), unit.uid, dtype=np.int64),
+        "index": np.asarray(indices, dtype=np.int64),
+        "unit_total": np.full(len(frames), NOT_LAST, dtype=np.int64),
+    }
+
+
+def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block: int):
+    """A Ray Dataset of resized frames: one read task per work unit, decoding on any node's CPUs."""
+    import ray
+
+    items = [{"uid": u.uid, "path": u.path, "start": u.start, "stop": -1 if u.stop is None else u.stop} for u in units]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        decode_units,
+        batch_size=1,
+        fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block},
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else err.__class__.__name__
