@@ -65,7 +65,7 @@ def plan_actors(cluster: ClusterConfig) -> ActorPlan:
         raise ClusterError(f"--actors must be at least 1, got {actors}")
     if actors * gpus_per_actor > gpus:
         raise ClusterError(
-            f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g}; "
+            f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs; "
             "lower --actors or --gpus-per-actor"
         )
     if actors * cpus_per_actor > cpus - 1:

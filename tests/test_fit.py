@@ -1,0 +1,125 @@
+"""The distributed fit on a real local Ray cluster: exactness, split independence, frame accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from padim_ray.config import ClusterConfig
+from padim_ray.embedding import Embedder
+from padim_ray.fit import FrameAccountingError, accumulate, fit_model
+from padim_ray.gaussian import finalize
+from padim_ray.runtime import ClusterError, plan_actors
+from padim_ray.stc import scene_videos
+from padim_ray.store import open_model
+from padim_ray.video import NOT_LAST, WorkUnit, iter_unit_frames
+from conftest import SMALL_MODEL, reference_gaussians, relative_error
+
+GRID, DIMS = (5, 6), 8
+
+
+# feeds the dataset's `frame` column (already embeddings) to the statistics unchanged; a lambda so
+# that Ray pickles it by value (workers cannot import this test module)
+identity_embedder = lambda device: lambda frames: torch.as_tensor(frames, device=device)  # noqa: E731
+
+
+def embeddings_dataset(embeddings: np.ndarray, rows_per_unit: int = 10):
+    """A Ray Dataset shaped like the decoder's output whose `frame` column holds embeddings."""
+    n = len(embeddings)
+    unit = np.arange(n) // rows_per_unit
+    total = np.full(n, NOT_LAST)
+    last = np.r_[unit[1:] != unit[:-1], True]
+    total[last] = np.bincount(unit)
+    items = [{"frame": embeddings[i], "unit": unit[i], "unit_total": total[i]} for i in range(n)]
+    return ray.data.from_items(items, override_num_blocks=12), int(unit.max()) + 1
+
+
+def distributed_statistics(embeddings: np.ndarray, cluster: ClusterConfig):
+    """Run the real actor + tree-reduction path on given embeddings; returns (mean, m2, count)."""
+    dataset, units = embeddings_dataset(embeddings)
+    positions = GRID[0] * GRID[1]
+    roots, bounds, accounting = accumulate(dataset, identity_embedder, positions, DIMS, cluster)
+    assert accounting.check([WorkUnit(uid, f"unit{uid}") for uid in range(units)]) == len(embeddings)
+    shards = ray.get(roots)
+    assert [s.positions for s in shards] == [stop - start for start, stop in bounds]
+    mean = np.concatenate([s.mean.numpy() for s in shards])
+    m2 = np.concatenate([s.m2.numpy() for s in shards])
+    return mean, m2, shards
+
+
+def _split_independent_case(cluster_a: ClusterConfig, cluster_b: ClusterConfig) -> None:
+    rng = np.random.default_rng(7)
+    embeddings = rng.normal(1e4, 1.0, size=(203, DIMS, *GRID))  # mean = 1e4 x std
+    shard_bytes = 7 * DIMS * DIMS * 8  # 7 positions per shard: several shards, one partial
+    mean_a, m2_a, shards = distributed_statistics(embeddings, dataclasses.replace(cluster_a, shard_bytes=shard_bytes))
+    mean_b, m2_b, _ = distributed_statistics(embeddings, dataclasses.replace(cluster_b, shard_bytes=shard_bytes))
+    assert len(shards) == 5
+    assert relative_error(mean_a, mean_b) <= 1e-12
+    assert relative_error(m2_a, m2_b) <= 1e-12
+    ref_mean, ref_cov = reference_gaussians(embeddings)
+    covariance = np.concatenate([finalize(s, 0.01).covariance.numpy() for s in shards])
+    assert relative_error(mean_a, ref_mean) <= 1e-9
+    assert relative_error(covariance, ref_cov) <= 1e-9
+
+
+def test_statistics_do_not_depend_on_the_split(ray_local, actors1, actors3):
+    _split_independent_case(actors1, actors3)
+
+
+def _direct_embeddings(videos, model) -> np.ndarray:
+    """Embeddings of every frame, computed in this process without Ray, one frame at a time."""
+    embedder = Embedder(model)
+    frames = [frame for i, path in enumerate(videos) for _, frame in iter_unit_frames(WorkUnit(i, str(path)))]
+    return torch.cat([embedder(frame[None]) for frame in frames]).numpy()
+
+
+def test_fit_end_to_end_matches_reference_and_actor_count(ray_local, stc_root, tmp_path, actors1, actors3):
+    videos = scene_videos(stc_root, "01")
+    one = fit_model(videos, tmp_path / "one", SMALL_MODEL, actors1)
+    three = fit_model(videos, tmp_path / "three", SMALL_MODEL, actors3)
+    a, b = open_model(one.out), open_model(three.out)
+    assert one.frames == three.frames == a.attrs["frames"] == 60
+    assert [s["frames"] for s in a.attrs["sources"]] == [30, 30]
+    for name in ("mean", "covariance"):
+        assert relative_error(b.read(name), a.read(name)) <= 1e-6
+    ref_mean, ref_cov = reference_gaussians(_direct_embeddings(videos, SMALL_MODEL))
+    assert relative_error(a.read("mean"), ref_mean) <= 1e-5
+    assert relative_error(a.read("covariance"), ref_cov) <= 1e-5
+    precision = a.read("precision").astype(np.float64)
+    assert relative_error(a.read("covariance") @ precision, np.broadcast_to(np.eye(16), precision.shape)) <= 1e-4
+    assert a.attrs["channel_indices"] == b.attrs["channel_indices"] and len(a.attrs["channel_indices"]) == 16
+    assert a.attrs["grid"] == [16, 16] and a.attrs["weights_identity"] == "random-init(seed=1024)"
+
+
+def test_frame_stride_keeps_every_nth_frame(ray_local, stc_root, tmp_path, actors1):
+    model = dataclasses.replace(SMALL_MODEL, frame_stride=4)
+    result = fit_model(scene_videos(stc_root, "01"), tmp_path / "m", model, actors1)
+    assert result.frames == 2 * 8  # frames 0, 4, ..., 28 of each 30-frame video
+
+
+def test_accounting_catches_missing_and_extra_frames():
+    from padim_ray.fit import Accounting
+    from collections import Counter
+
+    units = [WorkUnit(0, "a.avi"), WorkUnit(1, "b.avi")]
+    assert Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 5).check(units) == 5
+    with pytest.raises(FrameAccountingError, match="b.avi was never fully decoded"):
+        Accounting(Counter({0: 3, 1: 2}), {0: 3}, 5).check(units)
+    with pytest.raises(FrameAccountingError, match="b.avi: decoded 2 frames but accumulated 1"):
+        Accounting(Counter({0: 3, 1: 1}), {0: 3, 1: 2}, 4).check(units)
+    with pytest.raises(FrameAccountingError, match="statistics hold 6 frames"):
+        Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 6).check(units)
+    with pytest.raises(FrameAccountingError, match="finished twice"):
+        Accounting(Counter(), {0: 3}, 3).merge(Accounting(Counter(), {0: 3}, 3))
+
+
+def test_actors_that_would_starve_decoding_are_refused(ray_local):
+    with pytest.raises(ClusterError, match="fewer than 1 of the cluster's 4 CPUs for decoding"):
+        plan_actors(ClusterConfig(actors=4, cpus_per_actor=1.0))
+    with pytest.raises(ClusterError, match="the cluster has 0 GPUs"):
+        plan_actors(ClusterConfig(actors=1, gpus_per_actor=1.0))
+    assert plan_actors(ClusterConfig()).actors == 3  # CPU cluster: all CPUs but one, one each
