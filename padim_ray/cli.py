@@ -32,7 +32,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
 
 
 def _fail_cleanly(error: PadimError) -> None:
-    typer.echo(f"error: {error}", err=True)
+    # Ray Data appends retry advice to errors raised in its tasks; our message is the first line
+    typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
     raise typer.Exit(code=1)
 
 

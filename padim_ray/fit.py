@@ -23,7 +23,7 @@ from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats
 from padim_ray.runtime import connect, plan_actors, unwrap_user_error
-from padim_ray.store import check_target, create_model_store, publish, remove_tree, staging_path, write_shard
+from padim_ray.store import create_model_store, make_staging, publish, remove_tree, write_shard
 from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def accumulate(
     """
     plan = plan_actors(cluster)
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
-    options = dict(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    options = dict(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, scheduling_strategy="SPREAD")
     actors = [StatsActor.options(**options).remote(make_embedder, positions, dims, plan.torch_threads) for _ in range(plan.actors)]
     log.info("fit: %d actors (%g CPU, %g GPU each), %d position shards", plan.actors, plan.num_cpus, plan.num_gpus, len(bounds))
     try:
@@ -190,17 +190,16 @@ def fit_model(
     """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`."""
     started = time.monotonic()
     out = Path(out)
-    check_target(out, overwrite)
     if model.frame_stride < 1:
         raise PadimError(f"--frame-stride must be at least 1, got {model.frame_stride}")
     units, estimate = make_units(expand_inputs(list(inputs)))
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
-    connect(address)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
-    dataset = frames_dataset(units, model.image_size, model.frame_stride, cluster.decode_batch)
-    make_embedder = functools.partial(Embedder, model)
-    staging = staging_path(out)
+    staging = make_staging(out, overwrite)
     try:
+        connect(address)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
+        dataset = frames_dataset(units, model.image_size, model.frame_stride, cluster.decode_batch)
+        make_embedder = functools.partial(Embedder, model)
         roots, bounds, accounting = accumulate(
             dataset, make_embedder, embedder.positions, embedder.dims, cluster, math.ceil(estimate / model.frame_stride)
         )

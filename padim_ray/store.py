@@ -33,25 +33,27 @@ class StoreError(PadimError):
     """A model store that cannot be written or read."""
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """Fail before any work if `out` exists (without overwrite) or its folder is not writable."""
+def make_staging(out: Path, overwrite: bool) -> Path:
+    """Check the target and create an empty sibling folder to build the store in, before any work.
+
+    The store is renamed onto `out` only when complete, so a failed fit leaves nothing at `out`.
+    """
     if out.exists() and not overwrite:
         raise StoreError(f"output {out} already exists; pass --overwrite or choose another --out")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     if not parent.is_dir():
         raise StoreError(f"output folder {parent} does not exist; create it or choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"output folder {parent} is not writable; choose another --out")
-
-
-def staging_path(out: Path) -> Path:
-    """A sibling of `out` to build the store in; renamed onto `out` only when complete."""
-    return out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+    except OSError as err:
+        raise StoreError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
+    return staging
 
 
 def create_model_store(path: Path, positions: int, dims: int, shard_positions: int) -> None:
     """Create the empty arrays of a model store, chunked by `shard_positions`."""
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, dtype in ARRAYS.items():
         shape = (positions, dims) if name == "mean" else (positions, dims, dims)
         chunks = (shard_positions,) + shape[1:]

@@ -18,7 +18,7 @@ LOCAL_CPUS = 4  # logical CPUs of the test cluster: room for 3 actors of 0.5 CPU
 def start_local_ray() -> None:
     """Start (or keep) the session's local Ray instance; tests that need another cluster stop it first."""
     if not ray.is_initialized():
-        ray.init(num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False)
+        ray.init(address="local", num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False)
 
 
 @pytest.fixture

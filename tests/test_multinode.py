@@ -1,0 +1,59 @@
+"""The fit on a 3-node ray.cluster_utils.Cluster equals the single-actor fit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from padim_ray.config import ClusterConfig
+from padim_ray.fit import fit_model
+from padim_ray.stc import scene_videos
+from padim_ray.store import open_model
+from conftest import SMALL_MODEL, relative_error, start_local_ray
+from test_fit import _split_independent_case
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """Head + 2 workers, 2 + 1 + 1 logical CPUs, on this machine; restores the local Ray after."""
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 300 << 20})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=300 << 20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)  # set by Cluster; later tests start their own Ray
+
+
+def spread_actors() -> ClusterConfig:
+    """Three actors of 0.5 CPU; Ray places them over the nodes."""
+    return ClusterConfig(actors=3, cpus_per_actor=0.5, batch_size=5, fan_in=2)
+
+
+def test_three_node_statistics_equal_single_actor(three_nodes, actors1):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+    _split_independent_case(actors1, spread_actors())
+
+
+def test_three_node_fit_equals_local_single_actor_fit(three_nodes, stc_root, tmp_path, actors1):
+    videos = scene_videos(stc_root, "01")
+    multi = open_model(fit_model(videos, tmp_path / "multi", SMALL_MODEL, spread_actors()).out)
+    stats_actors = list_actors(filters=[("class_name", "=", "StatsActor")])
+    assert len({actor.node_id for actor in stats_actors}) == 3  # one actor per node
+    ray.shutdown()
+    start_local_ray()
+    try:
+        single = open_model(fit_model(videos, tmp_path / "single", SMALL_MODEL, actors1).out)
+    finally:
+        ray.shutdown()
+        ray.init(address=three_nodes.address)
+    assert multi.attrs["frames"] == single.attrs["frames"] == 60
+    for name in ("mean", "covariance"):
+        assert relative_error(multi.read(name), single.read(name)) <= 1e-6
