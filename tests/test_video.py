@@ -1,0 +1,55 @@
+"""Decoding real video files with decord (written with PyAV) and frame folders; the Ray Data source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from padim_ray.video import NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, iter_unit_frames, make_units
+
+
+def test_decodes_every_frame_in_order(stc_root):
+    video = stc_root / "training" / "videos" / "01_001.avi"
+    frames = list(iter_unit_frames(WorkUnit(0, str(video))))
+    assert [i for i, _ in frames] == list(range(30))
+    assert frames[0][1].shape == (180, 320, 3) and frames[0][1].dtype == np.uint8
+    assert [i for i, _ in iter_unit_frames(WorkUnit(0, str(video)), stride=7)] == [0, 7, 14, 21, 28]
+
+
+def test_decode_blocks_mark_the_last_row_with_the_unit_total(stc_root):
+    video = stc_root / "training" / "videos" / "01_002.avi"
+    batch = {"uid": np.array([5]), "path": np.array([str(video)]), "start": np.array([0]), "stop": np.array([-1])}
+    blocks = list(decode_units(batch, size=32, stride=1, rows_per_block=8))
+    assert [len(b["unit"]) for b in blocks] == [8, 8, 8, 6]
+    totals = np.concatenate([b["unit_total"] for b in blocks])
+    assert (totals[:-1] == NOT_LAST).all() and totals[-1] == 30
+    assert blocks[0]["frame"].shape == (8, 32, 32, 3)
+    assert np.concatenate([b["index"] for b in blocks]).tolist() == list(range(30))
+
+
+def test_frame_folders_are_split_into_units(stc_root):
+    clip = stc_root / "testing" / "frames" / "01_0001"
+    units, estimate = make_units(expand_inputs([clip, stc_root / "training" / "videos"]))
+    assert estimate == 12 + 60
+    assert [u.path for u in units] == [str(clip)] + [str(stc_root / "training" / "videos" / f"01_00{i}.avi") for i in (1, 2)]
+    frames = list(iter_unit_frames(units[0], stride=5))
+    assert [i for i, _ in frames] == [0, 5, 10]
+
+
+def test_ray_dataset_yields_every_frame_once(ray_local, stc_root):
+    units, _ = make_units(expand_inputs([stc_root / "training" / "videos"]))
+    rows = frames_dataset(units, size=16, stride=1, rows_per_block=7).take_all()
+    assert len(rows) == 60
+    assert sorted((r["unit"], r["index"]) for r in rows) == [(u, i) for u in (0, 1) for i in range(30)]
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(VideoError, match=f"input {tmp_path / 'missing.avi'} does not exist"):
+        expand_inputs([tmp_path / "missing.avi"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(VideoError, match="is not a video"):
+        expand_inputs([tmp_path / "notes.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match=f"folder {tmp_path / 'empty'} holds neither frames nor videos"):
+        expand_inputs([tmp_path / "empty"])
