@@ -118,38 +118,32 @@ def _build_lite0() -> nn.Module:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False)
 
 
+def _resnet(name: str, channels: tuple[int, int, int], default_dims: int, weights_enum: str) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        stages=("layer1", "layer2", "layer3"),
+        channels=channels,
+        strides=(4, 8, 16),
+        default_dims=default_dims,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        build=_torchvision_builder(name),
+        imagenet=_torchvision_weights(weights_enum),
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec(
-            name="resnet18",
-            stages=("layer1", "layer2", "layer3"),
-            channels=(64, 128, 256),
-            strides=(4, 8, 16),
-            default_dims=100,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            build=_torchvision_builder("resnet18"),
-            imagenet=_torchvision_weights("ResNet18_Weights.IMAGENET1K_V1"),
-        ),
-        BackboneSpec(
-            name="wide_resnet50_2",
-            stages=("layer1", "layer2", "layer3"),
-            channels=(256, 512, 1024),
-            strides=(4, 8, 16),
-            default_dims=550,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            build=_torchvision_builder("wide_resnet50_2"),
-            # V1 is the paper's; torchvision's DEFAULT for WR50 is V2
-            imagenet=_torchvision_weights("Wide_ResNet50_2_Weights.IMAGENET1K_V1"),
-        ),
+        _resnet("resnet18", (64, 128, 256), 100, "ResNet18_Weights.IMAGENET1K_V1"),  # PaDiM-R18-Rd100
+        # V1 is the paper's weights; torchvision's DEFAULT for WR50 is V2
+        _resnet("wide_resnet50_2", (256, 512, 1024), 550, "Wide_ResNet50_2_Weights.IMAGENET1K_V1"),  # PaDiM-WR50-Rd550
         BackboneSpec(
             name="efficientnet_b5",
             stages=("features.2", "features.4", "features.5"),  # the paper's levels 2, 4, 5
             channels=(40, 128, 176),
             strides=(4, 16, 16),
-            default_dims=200,
+            default_dims=200,  # our choice: the paper fixes d only for R18 (100) and WR50 (550)
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             build=_torchvision_builder("efficientnet_b5"),

@@ -32,6 +32,7 @@ def ray_head():
     ]
     subprocess.run([str(a) for a in start], check=True, env=env, capture_output=True, text=True)
     yield env
+    ray.shutdown()  # `ray stop` ends every Ray process on this machine, this driver's local Ray too
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
 
 
