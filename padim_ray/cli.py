@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from padim_ray.backbones import BACKBONES
-from padim_ray.config import ClusterConfig, ModelConfig
+from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 
 app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
@@ -80,6 +80,73 @@ def fit(
     except PadimError as error:
         _fail_cleanly(error)
     typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s)")
+
+
+@app.command()
+def score(
+    model: Annotated[Path, typer.Argument(help="Model store written by `padim-ray fit`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Videos and folders of frames to score.")],
+    out: Annotated[Path, typer.Option(help="Anomaly-map store to write (zarr + scores.parquet).")],
+    map_size: Annotated[str, typer.Option(help="native (each input's size), model, or HxW.")] = "native",
+    map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing map store.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Frames per forward pass.")] = ClusterConfig.batch_size,
+    actors: Annotated[Optional[int], typer.Option(help="Scoring actors [one per GPU, else CPUs - 1].")] = None,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = ClusterConfig.cpus_per_actor,
+    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+) -> None:
+    """Score videos into anomaly-map sequences and per-frame scores."""
+    from padim_ray.score import score_inputs
+
+    if map_dtype not in ("float16", "float32"):
+        _fail_cleanly(PadimError(f"--map-dtype must be float16 or float32, got {map_dtype}"))
+    cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+    try:
+        result = score_inputs(model, inputs, out, map_size, ScoreConfig(map_dtype=map_dtype), cluster, overwrite, address)
+    except PadimError as error:
+        _fail_cleanly(error)
+    typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")
+
+
+@app.command()
+def evaluate(
+    source: Annotated[Source, typer.Argument(help="stc: ShanghaiTech test clips and masks.")],
+    scene: Annotated[str, typer.Option(help="Scene id, e.g. 01, or all (every scene with a model).")],
+    root: Annotated[Path, typer.Option(help="STC dataset root (env PADIM_RAY_STC_ROOT).")] = Path(DEFAULT_STC_ROOT),
+    maps: Annotated[Optional[str], typer.Option(help="Scored maps; may contain {scene}.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, roc.png, scores.png (and maps).")] = Path("evaluation"),
+    overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
+    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+) -> None:
+    """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks."""
+    from padim_ray.evaluate import evaluate_stc, format_table
+
+    try:
+        if source is not Source.stc:
+            raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
+        reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address})
+    except PadimError as error:
+        _fail_cleanly(error)
+    typer.echo(format_table(reports))
+    typer.echo(f"report: {out / 'metrics.json'}")
+
+
+@app.command()
+def render(
+    maps: Annotated[Path, typer.Argument(help="Anomaly-map store written by `padim-ray score`.")],
+    input: Annotated[Path, typer.Argument(help="The scored video or folder of frames.")],
+    out: Annotated[Path, typer.Option(help="MP4 file to write.")],
+    fps: Annotated[int, typer.Option(help="Frames per second of the output.")] = 24,
+) -> None:
+    """Write the footage with its anomaly heatmap and a score timeline as an MP4."""
+    from padim_ray.viz import render_input
+
+    try:
+        typer.echo(f"video: {render_input(maps, input, out, fps)}")
+    except PadimError as error:
+        _fail_cleanly(error)
 
 
 @app.command("make-synthetic")

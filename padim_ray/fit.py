@@ -23,7 +23,7 @@ from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats
 from padim_ray.runtime import connect, plan_actors, unwrap_user_error
-from padim_ray.store import create_model_store, make_staging, publish, remove_tree, write_shard
+from padim_ray.store import create_model_store, make_staging, publish, remove_tree, set_model_attributes, write_shard
 from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ def fit_model(
         counts = ray.get([finalize_shard.remote(root, str(staging), start, model.eps) for root, (start, _) in zip(roots, bounds)])
         if set(counts) != {frames}:
             raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
-        publish(staging, out, _attributes(model, embedder, units, accounting), overwrite)
+        set_model_attributes(staging, _attributes(model, embedder, units, accounting))
+        publish(staging, out, overwrite)
     except Exception as err:
         user_error = unwrap_user_error(err)
         if user_error is err:

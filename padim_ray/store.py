@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from padim_ray.config import FORMAT_VERSION
+from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
 
+SCORES_FILE = "scores.parquet"
 ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
 
 
@@ -67,10 +68,14 @@ def write_shard(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
         group[name][start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
 
 
-def publish(staging: Path, out: Path, attributes: dict, overwrite: bool) -> None:
-    """Record `attributes` and move the finished store onto `out` in one rename."""
+def set_model_attributes(staging: Path, attributes: dict) -> None:
+    """Record the model's attributes and the format version."""
     group = zarr.open_group(str(staging), mode="r+", zarr_format=3)
     group.attrs.update({"format_version": FORMAT_VERSION, **attributes})
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished store onto `out` in one rename (replacing it only with `overwrite`)."""
     if out.exists():
         if not overwrite:
             raise StoreError(f"output {out} appeared during the fit; pass --overwrite or choose another --out")
@@ -120,3 +125,64 @@ def open_model(path: str | Path) -> ModelStore:
     if missing:
         raise StoreError(f"model {path} lacks arrays {missing}; it is incomplete, refit it")
     return ModelStore(path=path, attrs=attrs, group=group)
+
+
+class MapWriter:
+    """Writes anomaly-map sequences (one zarr array per input, chunked by frames) and their scores.
+
+    Rows must arrive in frame order per input (score.py runs Ray Data with preserve_order); each
+    input's array grows by whole chunks, so the driver is the only writer of every chunk.
+    """
+
+    def __init__(self, path: Path, dtype: str, chunk_frames: int, attributes: dict):
+        self.path, self.dtype, self.chunk_frames = path, dtype, chunk_frames
+        self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        self.group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.rows: list[dict] = []
+
+    def add(self, input_id: str, index: int, anomaly_map: np.ndarray, attributes: dict) -> None:
+        """Append the map of frame `index` of input `input_id`."""
+        if input_id not in self.group:
+            self.group.create_array(
+                input_id, shape=(0, *anomaly_map.shape), chunks=(self.chunk_frames, *anomaly_map.shape),
+                dtype=self.dtype, fill_value=0, attributes=attributes,
+            )
+            self.pending[input_id] = []
+        written = self.group[input_id].shape[0] + len(self.pending[input_id])
+        if index != written:
+            raise StoreError(f"frame {index} of {input_id} arrived after frame {written - 1}; maps must be written in order")
+        self.pending[input_id].append(anomaly_map)
+        if len(self.pending[input_id]) == self.chunk_frames:
+            self._flush(input_id)
+
+    def _flush(self, input_id: str) -> None:
+        if self.pending[input_id]:
+            self.group[input_id].append(np.stack(self.pending[input_id]).astype(self.dtype), axis=0)
+            self.pending[input_id] = []
+
+    def close(self) -> dict[str, int]:
+        """Write what is pending; returns the frame count of each input."""
+        for input_id in self.pending:
+            self._flush(input_id)
+        return {input_id: self.group[input_id].shape[0] for input_id in self.pending}
+
+
+def write_scores(path: Path, table: dict[str, list]) -> None:
+    """The per-frame results as `scores.parquet` inside the map store."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(table), path / SCORES_FILE)
+
+
+def open_maps(path: str | Path) -> zarr.Group:
+    """Open an anomaly-map store written by `padim-ray score`, checking its format version."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"anomaly maps {path} not found; write them with `padim-ray score`")
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    version = group.attrs.get("format_version")
+    if version != MAPS_FORMAT_VERSION or group.attrs.get("kind") != "anomaly-maps":
+        raise StoreError(f"{path} is not an anomaly-map store of format {MAPS_FORMAT_VERSION} (found {version}); rescore with this version")
+    return group

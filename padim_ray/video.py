@@ -143,7 +143,12 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.
             if index % stride == 0:
                 try:
                     with Image.open(file) as image:
-                        yield index, np.asarray(image.convert("RGB"))
+                        if image.mode != "RGB":
+                            raise VideoError(
+                                f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
+                                "convert the frames to RGB"
+                            )
+                        yield index, np.asarray(image)
                 except OSError as err:
                     raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 
@@ -151,8 +156,8 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.
 def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> Iterator[dict]:
     """Ray Data map_batches generator: work units in, blocks of resized frames out.
 
-    Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
-    input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
+    Each output row has `frame` (size, size, 3) uint8, `height` and `width` (the input's native
+    size), `unit`, `index` (frame number within the input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
     frames the unit produced.
     """
     for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
@@ -186,8 +191,11 @@ def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray], size: i
     if len(shapes) != 1:
         raise VideoError(f"frames of {unit.path} differ in size {sorted(shapes)}; all frames of an input must match")
     resized = resize_frames(torch.from_numpy(np.stack(frames)), size).numpy()  # (n, S, S, 3)
+    height, width = frames[0].shape[:2]
     return {
         "frame": resized,
+        "height": np.full(len(frames), height, dtype=np.int64),  # native size, for maps at input resolution
+        "width": np.full(len(frames), width, dtype=np.int64),
         "unit": np.full(len(frames), unit.uid, dtype=np.int64),
         "index": np.asarray(indices, dtype=np.int64),
         "unit_total": np.full(len(frames), NOT_LAST, dtype=np.int64),

@@ -69,3 +69,15 @@ def reference_gaussians(embeddings: np.ndarray, eps: float = 0.01) -> tuple[np.n
     mean = x.mean(axis=1)
     covariance = np.stack([np.cov(x[p], rowvar=False) for p in range(x.shape[0])]) + eps * np.eye(d)
     return mean, covariance
+
+
+@pytest.fixture(scope="session")
+def small_model(stc_root, tmp_path_factory):
+    """SMALL_MODEL fitted on the synthetic scene 01 (a real distributed fit)."""
+    from padim_ray.fit import fit_model
+    from padim_ray.stc import scene_videos
+
+    start_local_ray()
+    out = tmp_path_factory.mktemp("models") / "small"
+    fit_model(scene_videos(stc_root, "01"), out, SMALL_MODEL, ClusterConfig(actors=1, cpus_per_actor=0.5))
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray.store import StoreError, create_model_store, make_staging, open_model, publish, write_shard
+from padim_ray.store import StoreError, create_model_store, make_staging, open_model, publish, set_model_attributes, write_shard
 
 
 def _staged_store(tmp_path, positions=10, dims=3, shard=4):
@@ -28,7 +28,8 @@ def _staged_store(tmp_path, positions=10, dims=3, shard=4):
 def test_store_round_trip_and_chunking(tmp_path):
     out, staging, arrays = _staged_store(tmp_path)
     assert not out.exists()  # nothing at the target until published
-    publish(staging, out, {"frames": 7}, overwrite=False)
+    set_model_attributes(staging, {"frames": 7})
+    publish(staging, out, overwrite=False)
     assert not staging.exists()
     model = open_model(out)
     assert model.attrs["frames"] == 7 and model.attrs["format_version"] == 1
@@ -40,17 +41,20 @@ def test_store_round_trip_and_chunking(tmp_path):
 
 def test_overwrite_replaces_an_existing_store(tmp_path):
     out, staging, _ = _staged_store(tmp_path)
-    publish(staging, out, {"frames": 1}, overwrite=False)
+    set_model_attributes(staging, {"frames": 1})
+    publish(staging, out, overwrite=False)
     staging = make_staging(out, overwrite=True)
     create_model_store(staging, 10, 3, 4)
-    publish(staging, out, {"frames": 2}, overwrite=True)
+    set_model_attributes(staging, {"frames": 2})
+    publish(staging, out, overwrite=True)
     assert open_model(out).attrs["frames"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_unknown_format_version_is_refused(tmp_path):
     out, staging, _ = _staged_store(tmp_path)
-    publish(staging, out, {}, overwrite=False)
+    set_model_attributes(staging, {})
+    publish(staging, out, overwrite=False)
     zarr.open_group(str(out), mode="r+").attrs["format_version"] = 99
     with pytest.raises(StoreError, match=f"model {out} has format version 99, this padim-ray reads version 1"):
         open_model(out)

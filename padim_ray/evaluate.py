@@ -1,0 +1,159 @@
+"""Evaluation on the ShanghaiTech test set: pixel AUROC, frame AUROC and PRO, per clip and pooled.
+
+Masks are compared at the resolution the maps were written: when that differs from the masks'
+(e.g. `--map-size model`), masks are resized with nearest-neighbour sampling, which keeps them 0/1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from padim_ray.errors import PadimError
+from padim_ray.metrics import PixelHistograms, frame_auroc
+from padim_ray.stc import load_masks, test_clips
+from padim_ray.store import SCORES_FILE, open_maps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipResult:
+    clip: str
+    frames: int
+    anomalous_frames: int
+    pixel_auroc: float | None
+    frame_auroc: float | None
+    pro: float | None
+
+
+@dataclass
+class SceneReport:
+    scene: str
+    maps: str
+    clips: list[ClipResult]
+    pooled: ClipResult
+    pixel_roc: tuple[list[float], list[float]] | None  # pooled (FPR, TPR), thinned for plotting
+    frame_scores: dict[str, list[float]]
+    frame_labels: dict[str, list[int]]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("pixel_roc")
+        data.pop("frame_scores")
+        data.pop("frame_labels")
+        return data
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of 0/1 masks (T, H, W) to `size`."""
+    if masks.shape[1:] == size:
+        return np.asarray(masks)
+    x = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)).unsqueeze(1).float()
+    return F.interpolate(x, size=size, mode="nearest").squeeze(1).to(torch.uint8).numpy()
+
+
+def evaluate_scene(root: str | Path, scene: str, maps_path: str | Path, chunk: int = 16) -> SceneReport:
+    """Evaluate the maps of one scene's test clips against the STC masks."""
+    group = open_maps(maps_path)
+    clips = [c.name for c in test_clips(root, scene)]
+    table = pq.read_table(Path(maps_path) / SCORES_FILE).to_pandas()
+    missing = [c for c in clips if c not in group]
+    if missing:
+        raise PadimError(f"maps {maps_path} lack clips {missing[:3]}{'...' if len(missing) > 3 else ''}; score testing/frames/{missing[0]} first")
+    upper = float(table[table["input"].isin(clips)]["score"].max()) * (1 + 1e-6) + 1e-12
+    pooled = PixelHistograms(upper)
+    results, scores, labels = [], {}, {}
+    for clip in clips:
+        maps = group[clip]
+        frames = maps.shape[0]
+        frame_mask, pixel_mask = load_masks(root, clip, frames)
+        hist = PixelHistograms(upper)
+        for start in range(0, frames, chunk):
+            block = maps[start : start + chunk].astype(np.float32)
+            masks = resize_masks(pixel_mask[start : start + chunk], block.shape[1:])
+            for anomaly_map, mask in zip(block, masks):
+                hist.add(anomaly_map, mask)
+        rows = table[table["input"] == clip].sort_values("frame")
+        scores[clip], labels[clip] = rows["score"].tolist(), frame_mask.astype(int).tolist()
+        results.append(ClipResult(clip, frames, int(frame_mask.sum()), hist.auroc(), frame_auroc(scores[clip], frame_mask), hist.pro()))
+        pooled = pooled.merge(hist)
+        log.info("evaluate %s: pixel AUROC %s", clip, results[-1].pixel_auroc)
+    all_scores = np.concatenate([scores[c] for c in clips])
+    all_labels = np.concatenate([labels[c] for c in clips])
+    summary = ClipResult("pooled", len(all_scores), int(all_labels.sum()), pooled.auroc(), frame_auroc(all_scores, all_labels), pooled.pro())
+    roc = pooled.roc()
+    thinned = None if roc is None else tuple(r[:: max(1, len(r) // 2000)].tolist() for r in roc)
+    return SceneReport(scene, str(maps_path), results, summary, thinned, scores, labels)
+
+
+def write_report(report: SceneReport, out: Path) -> list[Path]:
+    """`metrics.json`, `roc.png` and `scores.png` under `out`; returns their paths."""
+    from padim_ray.viz import plot_frame_scores, plot_roc
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.json"
+    metrics.write_text(json.dumps(report.to_json(), indent=2))
+    paths = [metrics]
+    if report.pixel_roc is not None:
+        paths.append(plot_roc(report, out / "roc.png"))
+    paths.append(plot_frame_scores(report, out / "scores.png"))
+    return paths
+
+
+def format_table(reports: list[SceneReport]) -> str:
+    """A plain-text table of every clip and each scene's pooled figures."""
+
+    def cell(value: float | None) -> str:
+        return "   -  " if value is None else f"{100 * value:6.1f}"
+
+    lines = [f"{'clip':<12}{'frames':>7}{'anom.':>7}  {'pixAUC':>6}  {'frmAUC':>6}  {'PRO':>6}"]
+    for report in reports:
+        for r in [*report.clips, report.pooled]:
+            name = f"{report.scene} pooled" if r is report.pooled else r.clip
+            lines.append(f"{name:<12}{r.frames:>7}{r.anomalous_frames:>7}  {cell(r.pixel_auroc)}  {cell(r.frame_auroc)}  {cell(r.pro)}")
+    return "\n".join(lines)
+
+
+def evaluate_stc(
+    root: str | Path,
+    scene: str,
+    out: str | Path,
+    maps: str | None = None,
+    model: str | None = None,
+    score_kwargs: dict | None = None,
+) -> list[SceneReport]:
+    """Evaluate one scene, or every scene with a model (`scene="all"`), scoring first when `model` is given.
+
+    `maps` and `model` may contain `{scene}`, e.g. `models/stc_{scene}_resnet18`. Writes one folder of
+    metrics and plots per scene and a `metrics.json` of all scenes under `out`.
+    """
+    from padim_ray.score import score_inputs
+    from padim_ray.stc import test_scenes
+
+    if maps is None and model is None:
+        raise PadimError("evaluate needs --maps (scored maps) or --model (to score the test clips first)")
+    out = Path(out)
+    scenes = test_scenes(root) if scene == "all" else [scene]
+    if scene == "all" and model is not None:
+        scenes = [s for s in scenes if Path(model.format(scene=s)).exists()]
+        if not scenes:
+            raise PadimError(f"no model matches {model} for any test scene of {root}; fit one with `padim-ray fit stc`")
+    reports = []
+    for s in scenes:
+        maps_path = Path(maps.format(scene=s)) if maps else out / f"maps_{s}"
+        if model is not None:
+            clips = test_clips(root, s)
+            score_inputs(model.format(scene=s), clips, maps_path, **(score_kwargs or {}))
+        report = evaluate_scene(root, s, maps_path)
+        write_report(report, out / f"scene_{s}")
+        reports.append(report)
+    (out / "metrics.json").write_text(json.dumps([r.to_json() for r in reports], indent=2))
+    return reports

@@ -1,0 +1,132 @@
+"""Pictures people would rather look at than read: ROC curves and score timelines (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_roc(report, path: Path) -> Path:
+    """The scene's pooled pixel ROC curve with its AUROC."""
+    fpr, tpr = report.pixel_roc
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"pixel AUROC {100 * report.pooled.pixel_auroc:.1f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"scene {report.scene}", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_frame_scores(report, path: Path) -> Path:
+    """Per-frame scores of every clip, with the ground-truth anomalous frames shaded."""
+    clips = list(report.frame_scores)
+    fig, axes = plt.subplots(len(clips), 1, figsize=(10, 1.8 * len(clips) + 0.6), squeeze=False)
+    for ax, clip in zip(axes[:, 0], clips):
+        scores, labels = np.asarray(report.frame_scores[clip]), np.asarray(report.frame_labels[clip])
+        ax.fill_between(np.arange(len(labels)), 0, 1, where=labels > 0, color="tab:red", alpha=0.2,
+                        transform=ax.get_xaxis_transform(), step="mid", label="anomaly (ground truth)")
+        ax.plot(scores, color="tab:blue", linewidth=1, label="frame score")
+        ax.set_ylabel(clip)
+        ax.set_xlim(0, max(1, len(scores) - 1))
+    axes[0, 0].legend(loc="upper left", fontsize="small")
+    axes[-1, 0].set_xlabel("frame")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _timeline(scores: np.ndarray, labels: np.ndarray | None, width: int, height: int) -> np.ndarray:
+    """An RGB strip (height, width, 3) with the whole score curve (ground truth shaded if known)."""
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    if labels is not None:
+        ax.fill_between(np.arange(len(labels)), 0, 1, where=labels > 0, color="tab:red", alpha=0.3,
+                        transform=ax.get_xaxis_transform(), step="mid")
+    ax.plot(scores, color="white", linewidth=1.5)
+    ax.set_facecolor("black")
+    ax.set_xlim(0, max(1, len(scores) - 1))
+    ax.set_ylim(0, float(scores.max()) * 1.05 + 1e-9)
+    ax.axis("off")
+    fig.canvas.draw()
+    strip = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return strip
+
+
+def overlay(frame: np.ndarray, anomaly_map: np.ndarray, upper: float) -> np.ndarray:
+    """Blend a heatmap of `anomaly_map` (scaled to [0, upper], resized to the frame) onto `frame`."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = frame.shape[:2]
+    if anomaly_map.shape != (height, width):
+        resized = F.interpolate(torch.from_numpy(anomaly_map.astype(np.float32))[None, None], size=(height, width), mode="bilinear")
+        anomaly_map = resized[0, 0].numpy()
+    level = np.clip(anomaly_map / upper, 0, 1)
+    heat = matplotlib.colormaps["jet"](level)[..., :3] * 255  # (H, W, 3)
+    alpha = (0.15 + 0.5 * level)[..., None]
+    return (frame * (1 - alpha) + heat * alpha).astype(np.uint8)
+
+
+def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, labels: np.ndarray | None = None) -> Path:
+    """Write an MP4: each frame with its anomaly heatmap, above a score timeline with a cursor.
+
+    Args:
+        frames: iterable of (H, W, 3) uint8 frames, in order.
+        maps: indexable (T, h, w) anomaly maps of the same frames.
+        scores: (T,) frame scores.
+    """
+    import av
+
+    upper = float(np.percentile(scores, 99)) or 1.0
+    strip_height, block_frames = 60, 16
+    container = None
+    try:
+        for t, frame in enumerate(frames):
+            if t % block_frames == 0:  # read maps a zarr chunk at a time, not frame by frame
+                block = np.asarray(maps[t : t + block_frames], dtype=np.float32)
+            if container is None:
+                height, width = frame.shape[:2]
+                width, height = width - width % 2, height - height % 2  # yuv420p wants even sizes
+                strip = _timeline(scores, labels, width, strip_height)
+                container = av.open(str(out), "w")
+                stream = container.add_stream("libx264", rate=fps, options={"crf": "23"})  # plays in browsers
+                stream.width, stream.height, stream.pix_fmt = width, height + strip_height, "yuv420p"
+            picture = np.concatenate([overlay(frame[:height, :width], block[t % block_frames], upper), strip], axis=0)
+            cursor = int(round(t / max(1, len(scores) - 1) * (width - 1)))
+            picture[height:, max(0, cursor - 1) : cursor + 2] = (255, 220, 0)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        if container is not None:
+            container.mux(stream.encode())
+    finally:
+        if container is not None:
+            container.close()
+    return out
+
+
+def render_input(maps_path: str | Path, input_path: str | Path, out: str | Path, fps: int = 24) -> Path:
+    """Render the footage of one scored input with its maps (found by source path or input id)."""
+    import pyarrow.parquet as pq
+
+    from padim_ray.errors import PadimError
+    from padim_ray.store import SCORES_FILE, open_maps
+    from padim_ray.video import WorkUnit, iter_unit_frames
+
+    group = open_maps(maps_path)
+    input_path = Path(input_path)
+    matches = [name for name, array in group.arrays() if array.attrs.get("source") in (str(input_path), str(input_path.resolve()))]
+    name = matches[0] if matches else (input_path.stem if input_path.suffix else input_path.name)
+    if name not in group:
+        raise PadimError(f"maps {maps_path} hold no maps of {input_path}; score it with `padim-ray score`")
+    table = pq.read_table(Path(maps_path) / SCORES_FILE).to_pandas()
+    scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
+    frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, str(input_path))))
+    return render_video(frames, group[name], scores, Path(out), fps)

@@ -1,0 +1,77 @@
+"""Scoring: eq. (2) against numpy, upsampling + blur against torch + scipy, the Ray pipeline's output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from scipy.ndimage import gaussian_filter
+
+from padim_ray.config import ClusterConfig, ScoreConfig
+from padim_ray.score import Scorer, score_inputs
+from padim_ray.store import open_model
+from padim_ray.video import WorkUnit, iter_unit_frames
+from conftest import relative_error
+
+
+def _frames(stc_root, count=5):
+    clip = stc_root / "testing" / "frames" / "01_0001"
+    return np.stack([f for _, f in iter_unit_frames(WorkUnit(0, str(clip)))][:count])
+
+
+def test_distances_equal_numpy_float64_reference(small_model, stc_root):
+    scorer = Scorer(small_model)
+    frames = _frames(stc_root)
+    distances = scorer.distances(frames).numpy()  # (B, h, w)
+    embeddings = scorer.embedder(frames).numpy().astype(np.float64)  # (B, d, h, w)
+    model = open_model(small_model)
+    mean, precision = model.read("mean"), np.linalg.inv(model.read("covariance"))
+    b, d = embeddings.shape[:2]
+    delta = embeddings.reshape(b, d, -1).transpose(0, 2, 1) - mean  # (B, P, d)
+    expected = np.sqrt(np.einsum("bpi,pij,bpj->bp", delta, precision, delta)).reshape(distances.shape)
+    assert relative_error(distances, expected) <= 1e-4
+
+
+def test_maps_equal_torch_interpolate_and_scipy_blur_away_from_borders(small_model, stc_root):
+    scorer = Scorer(small_model)
+    frames = _frames(stc_root, 3)
+    size = frames.shape[1:3]
+    maps = scorer.maps(frames, size).numpy()
+    upsampled = F.interpolate(scorer.distances(frames)[:, None].double(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in upsampled.numpy()])
+    inner = (slice(None), slice(17, -17), slice(17, -17))  # beyond the 16-pixel kernel radius
+    assert maps.shape == (3, 180, 320)
+    assert relative_error(maps[inner], expected[inner]) <= 1e-3
+
+
+def test_score_writes_every_frame_in_order(ray_local, small_model, stc_root, tmp_path):
+    clip = stc_root / "testing" / "frames" / "01_0001"  # 12 frames
+    video = stc_root / "training" / "videos" / "01_002.avi"  # 30 frames: not a multiple of batch 7
+    out = tmp_path / "maps"
+    cluster = ClusterConfig(actors=2, cpus_per_actor=0.5, batch_size=7)
+    result = score_inputs(small_model, [clip, video], out, score=ScoreConfig(map_dtype="float32", chunk_frames=4), cluster=cluster)
+    assert result.frames == {"01_0001": 12, "01_002": 30}
+    group = zarr.open_group(str(out), mode="r")
+    assert group["01_002"].shape == (30, 180, 320) and group["01_002"].chunks == (4, 180, 320)
+    assert group["01_002"].attrs["source"] == str(video)
+    table = pq.read_table(out / "scores.parquet").to_pandas()
+    assert table["input"].tolist() == ["01_0001"] * 12 + ["01_002"] * 30
+    assert table["frame"].tolist() == list(range(12)) + list(range(30))
+    frames = np.stack([f for _, f in iter_unit_frames(WorkUnit(0, str(video)))])
+    direct = Scorer(small_model).maps(frames, (180, 320)).numpy()
+    stored = group["01_002"][:]
+    assert relative_error(stored, direct) <= 1e-4  # same frames, same order
+    scores = table[table["input"] == "01_002"]
+    np.testing.assert_allclose(scores["score"], stored.reshape(30, -1).max(axis=1), rtol=1e-6)
+    peak = np.unravel_index(stored[7].argmax(), stored[7].shape)
+    assert (scores["max_y"].iloc[7], scores["max_x"].iloc[7]) == peak
+
+
+def test_model_sized_float16_maps(ray_local, small_model, stc_root, tmp_path):
+    clip = stc_root / "testing" / "frames" / "01_0001"
+    result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
+    stored = zarr.open_group(str(result.out), mode="r")["01_0001"]
+    assert stored.shape == (12, 64, 64) and stored.dtype == np.float16
