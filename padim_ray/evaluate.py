@@ -141,6 +141,7 @@ def evaluate_stc(
     if maps is None and model is None:
         raise PadimError("evaluate needs --maps (scored maps) or --model (to score the test clips first)")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     scenes = test_scenes(root) if scene == "all" else [scene]
     if scene == "all" and model is not None:
         scenes = [s for s in scenes if Path(model.format(scene=s)).exists()]

@@ -22,8 +22,8 @@ from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats
-from padim_ray.runtime import connect, plan_actors, unwrap_user_error
-from padim_ray.store import create_model_store, make_staging, publish, remove_tree, set_model_attributes, write_shard
+from padim_ray.runtime import connect, plan_actors, user_errors
+from padim_ray.store import create_model_store, publish, set_model_attributes, staged_output, write_shard
 from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ def fit_model(
         raise PadimError(f"--frame-stride must be at least 1, got {model.frame_stride}")
     units, estimate = make_units(expand_inputs(list(inputs)))
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
-    staging = make_staging(out, overwrite)
-    try:
+    with staged_output(out, overwrite) as staging, user_errors():
         connect(address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
         dataset = frames_dataset(units, model.image_size, model.frame_stride, cluster.decode_batch)
@@ -210,13 +209,6 @@ def fit_model(
             raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
         set_model_attributes(staging, _attributes(model, embedder, units, accounting))
         publish(staging, out, overwrite)
-    except Exception as err:
-        user_error = unwrap_user_error(err)
-        if user_error is err:
-            raise
-        raise user_error from None
-    finally:
-        remove_tree(staging)
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, out)
     return FitResult(out=out, frames=frames, seconds=seconds)

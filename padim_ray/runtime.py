@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -74,6 +75,18 @@ def plan_actors(cluster: ClusterConfig) -> ActorPlan:
             "lower --actors or --cpus-per-actor"
         )
     return ActorPlan(actors=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+
+
+@contextmanager
+def user_errors():
+    """Re-raise a PadimError hidden inside a Ray failure as itself, so the CLI prints its one line."""
+    try:
+        yield
+    except Exception as err:
+        user_error = unwrap_user_error(err)
+        if user_error is err:
+            raise
+        raise user_error from None
 
 
 def unwrap_user_error(err: BaseException) -> BaseException:

@@ -19,8 +19,8 @@ from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
-from padim_ray.runtime import connect, plan_actors, unwrap_user_error
-from padim_ray.store import MapWriter, StoreError, make_staging, open_model, publish, remove_tree, write_scores
+from padim_ray.runtime import connect, plan_actors, user_errors
+from padim_ray.store import MapWriter, StoreError, open_model, publish, staged_output, write_scores
 from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,7 @@ def score_inputs(
     size = parse_map_size(map_size, store.attrs["image_size"])
     units, estimate = make_units(expand_inputs(list(inputs)))
     ids = input_ids(units)
-    staging = make_staging(out, overwrite)
-    try:
+    with staged_output(out, overwrite) as staging, user_errors():
         connect(address)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -162,13 +161,6 @@ def score_inputs(
         )
         frames = _write_maps(scored, units, ids, staging, store, score, estimate)
         publish(staging, out, overwrite)
-    except Exception as err:
-        user_error = unwrap_user_error(err)
-        if user_error is err:
-            raise
-        raise user_error from None
-    finally:
-        remove_tree(staging)
     return ScoreResult(out=out, frames=frames, seconds=time.monotonic() - started)
 
 

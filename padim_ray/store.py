@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import zarr
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
 
-SCORES_FILE = "scores.parquet"
+SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
+MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
 ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
 
 
@@ -50,6 +52,16 @@ def make_staging(out: Path, overwrite: bool) -> Path:
     except OSError as err:
         raise StoreError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
     return staging
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool):
+    """Yield a staging folder for `out` (see make_staging) and remove whatever is left of it after."""
+    staging = make_staging(out, overwrite)
+    try:
+        yield staging
+    finally:
+        remove_tree(staging)
 
 
 def create_model_store(path: Path, positions: int, dims: int, shard_positions: int) -> None:
@@ -128,18 +140,17 @@ def open_model(path: str | Path) -> ModelStore:
 
 
 class MapWriter:
-    """Writes anomaly-map sequences (one zarr array per input, chunked by frames) and their scores.
+    """Writes anomaly-map sequences under `path/maps.zarr`: one array per input, chunked by frames.
 
     Rows must arrive in frame order per input (score.py runs Ray Data with preserve_order); each
     input's array grows by whole chunks, so the driver is the only writer of every chunk.
     """
 
     def __init__(self, path: Path, dtype: str, chunk_frames: int, attributes: dict):
-        self.path, self.dtype, self.chunk_frames = path, dtype, chunk_frames
-        self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        self.dtype, self.chunk_frames = dtype, chunk_frames
+        self.group = zarr.open_group(str(path / MAPS_GROUP), mode="w", zarr_format=3)
         self.group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
         self.pending: dict[str, list[np.ndarray]] = {}
-        self.rows: list[dict] = []
 
     def add(self, input_id: str, index: int, anomaly_map: np.ndarray, attributes: dict) -> None:
         """Append the map of frame `index` of input `input_id`."""
@@ -177,11 +188,11 @@ def write_scores(path: Path, table: dict[str, list]) -> None:
 
 
 def open_maps(path: str | Path) -> zarr.Group:
-    """Open an anomaly-map store written by `padim-ray score`, checking its format version."""
+    """The map group of an output of `padim-ray score`, checking its format version."""
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"anomaly maps {path} not found; write them with `padim-ray score`")
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    if not (path / MAPS_GROUP / "zarr.json").is_file() or not (path / SCORES_FILE).is_file():
+        raise StoreError(f"anomaly maps {path} not found (no {MAPS_GROUP} and {SCORES_FILE}); write them with `padim-ray score`")
+    group = zarr.open_group(str(path / MAPS_GROUP), mode="r", zarr_format=3)
     version = group.attrs.get("format_version")
     if version != MAPS_FORMAT_VERSION or group.attrs.get("kind") != "anomaly-maps":
         raise StoreError(f"{path} is not an anomaly-map store of format {MAPS_FORMAT_VERSION} (found {version}); rescore with this version")

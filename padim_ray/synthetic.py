@@ -20,13 +20,13 @@ class SyntheticSpec:
     """Size of a generated dataset; the defaults are small enough for tests."""
 
     scenes: tuple[str, ...] = ("01",)
-    train_videos: int = 2  # per scene
-    train_frames: int = 48  # per training video
+    train_videos: int = 3  # per scene; fewer frames leave walkway positions unseen in training
+    train_frames: int = 64  # per training video
     test_clips: int = 2  # per scene; every clip has one anomaly
     test_frames: int = 40  # per test clip
     width: int = 856  # STC's frame size
     height: int = 480
-    walkers: int = 4  # people on screen at a time
+    walkers: int = 8  # people on screen at a time
     fps: int = 24
     seed: int = 0
 
@@ -78,17 +78,22 @@ def _background(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255)
 
 
+LANES = (0.58, 0.68, 0.78)  # walkway paths people follow, as fractions of the frame height
+CLOTHES = np.array([[60, 60, 70], [110, 90, 70], [40, 60, 110], [150, 150, 150], [90, 40, 40], [70, 100, 70]], dtype=float)
+
+
 def _walker(spec: SyntheticSpec, rng: np.random.Generator) -> _Mover:
+    """A person walking along one of the lanes, in everyday clothing colours."""
     h, w = spec.height, spec.width
     direction = rng.choice([-1.0, 1.0])
     return _Mover(
-        y=rng.uniform(0.55, 0.8) * h,
+        y=(rng.choice(LANES) + rng.normal(0, 0.01)) * h,
         x=rng.uniform(0, w),
-        vy=rng.uniform(-0.3, 0.3),
-        vx=direction * rng.uniform(1.0, 2.5) * w / 856,
+        vy=0.0,
+        vx=direction * rng.uniform(3.0, 6.0) * w / 856,
         ry=0.05 * h,
         rx=0.012 * w,
-        color=rng.uniform(20, 235, size=3),
+        color=CLOTHES[rng.integers(len(CLOTHES))] + rng.normal(0, 8, size=3),
     )
 
 

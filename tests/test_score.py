@@ -54,7 +54,7 @@ def test_score_writes_every_frame_in_order(ray_local, small_model, stc_root, tmp
     cluster = ClusterConfig(actors=2, cpus_per_actor=0.5, batch_size=7)
     result = score_inputs(small_model, [clip, video], out, score=ScoreConfig(map_dtype="float32", chunk_frames=4), cluster=cluster)
     assert result.frames == {"01_0001": 12, "01_002": 30}
-    group = zarr.open_group(str(out), mode="r")
+    group = zarr.open_group(str(out / "maps.zarr"), mode="r")
     assert group["01_002"].shape == (30, 180, 320) and group["01_002"].chunks == (4, 180, 320)
     assert group["01_002"].attrs["source"] == str(video)
     table = pq.read_table(out / "scores.parquet").to_pandas()
@@ -73,5 +73,5 @@ def test_score_writes_every_frame_in_order(ray_local, small_model, stc_root, tmp
 def test_model_sized_float16_maps(ray_local, small_model, stc_root, tmp_path):
     clip = stc_root / "testing" / "frames" / "01_0001"
     result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
-    stored = zarr.open_group(str(result.out), mode="r")["01_0001"]
+    stored = zarr.open_group(str(result.out / "maps.zarr"), mode="r")["01_0001"]
     assert stored.shape == (12, 64, 64) and stored.dtype == np.float16
