@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from padim_ray.errors import PadimError
 from padim_ray.metrics import PixelHistograms, frame_auroc
-from padim_ray.stc import load_masks, test_clips
+from padim_ray.stc import load_masks, mask_paths, test_clips
 from padim_ray.store import SCORES_FILE, open_maps
 
 log = logging.getLogger(__name__)
@@ -141,20 +141,23 @@ def evaluate_stc(
     if maps is None and model is None:
         raise PadimError("evaluate needs --maps (scored maps) or --model (to score the test clips first)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scenes = test_scenes(root) if scene == "all" else [scene]
     if scene == "all" and model is not None:
         scenes = [s for s in scenes if Path(model.format(scene=s)).exists()]
         if not scenes:
             raise PadimError(f"no model matches {model} for any test scene of {root}; fit one with `padim-ray fit stc`")
+    for s in scenes:  # every clip's masks, before any scoring
+        for clip in test_clips(root, s):
+            mask_paths(root, clip.name)
     reports = []
     for s in scenes:
         maps_path = Path(maps.format(scene=s)) if maps else out / f"maps_{s}"
         if model is not None:
-            clips = test_clips(root, s)
-            score_inputs(model.format(scene=s), clips, maps_path, **(score_kwargs or {}))
+            maps_path.parent.mkdir(parents=True, exist_ok=True)
+            score_inputs(model.format(scene=s), test_clips(root, s), maps_path, **(score_kwargs or {}))
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")
         reports.append(report)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps([r.to_json() for r in reports], indent=2))
     return reports

@@ -50,14 +50,19 @@ def test_scenes(root: str | Path) -> list[str]:
     return sorted({p.name[:2] for p in frames_dir.glob("*_*") if p.is_dir() and SCENE_PATTERN.match(p.name[:2])})
 
 
-def load_masks(root: str | Path, clip: str, frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """A clip's frame mask (T,) and pixel mask (T, H, W, memory-mapped), checked against `frames`."""
+def mask_paths(root: str | Path, clip: str) -> tuple[Path, Path]:
+    """A clip's frame-mask and pixel-mask files, which must exist."""
     testing = Path(root) / "testing"
-    frame_path = testing / "test_frame_mask" / f"{clip}.npy"
-    pixel_path = testing / "test_pixel_mask" / f"{clip}.npy"
-    for path in (frame_path, pixel_path):
+    paths = (testing / "test_frame_mask" / f"{clip}.npy", testing / "test_pixel_mask" / f"{clip}.npy")
+    for path in paths:
         if not path.is_file():
             raise LayoutError(f"mask file {path} not found; STC ships one per test clip (ShanghaiTech layout)")
+    return paths
+
+
+def load_masks(root: str | Path, clip: str, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's frame mask (T,) and pixel mask (T, H, W, memory-mapped), checked against `frames`."""
+    frame_path, pixel_path = mask_paths(root, clip)
     frame_mask = np.load(frame_path)
     pixel_mask = np.load(pixel_path, mmap_mode="r")
     if frame_mask.shape != (frames,):

@@ -108,7 +108,9 @@ def make_units(inputs: list[Path]) -> tuple[list[WorkUnit], int]:
     estimate = 0
     for path in inputs:
         if path.is_dir():
-            count = len(frame_files(path))
+            files = frame_files(path)
+            read_frame(files[0])  # validates the format now, before any cluster work
+            count = len(files)
             for start in range(0, count, FRAMES_PER_FOLDER_UNIT):
                 units.append(WorkUnit(len(units), str(path), start, min(start + FRAMES_PER_FOLDER_UNIT, count)))
             estimate += count
@@ -137,20 +139,25 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.
         if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
             raise VideoError(f"video {unit.path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
     else:
-        from PIL import Image
-
         for index, file in enumerate(frame_files(Path(unit.path))[unit.start : unit.stop], start=unit.start):
             if index % stride == 0:
-                try:
-                    with Image.open(file) as image:
-                        if image.mode != "RGB":
-                            raise VideoError(
-                                f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
-                                "convert the frames to RGB"
-                            )
-                        yield index, np.asarray(image)
-                except OSError as err:
-                    raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
+                yield index, read_frame(file)
+
+
+def read_frame(file: Path) -> np.ndarray:
+    """One image file as (H, W, 3) uint8 RGB; other channel counts are an error, not converted."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            if image.mode != "RGB":
+                raise VideoError(
+                    f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
+                    "convert the frames to RGB"
+                )
+            return np.asarray(image)
+    except OSError as err:
+        raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 
 
 def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> Iterator[dict]:

@@ -68,8 +68,11 @@ def test_missing_mask_file(scored, stc_root, tmp_path):
     shutil.copytree(stc_root / "testing", root / "testing")
     mask = root / "testing" / "test_pixel_mask" / "01_0001.npy"
     mask.unlink()
-    result = run("evaluate", "stc", "--scene", "01", "--root", root, "--maps", scored, "--out", tmp_path / "eval")
-    assert_clean_failure(result, f"mask file {mask} not found")
+    out = tmp_path / "eval"
+    result = run("evaluate", "stc", "--scene", "01", "--root", root, "--maps", scored, "--out", out)
+    assert_clean_failure(result, f"mask file {mask} not found", out=out)
+    with_model = run("evaluate", "stc", "--scene", "01", "--root", root, "--model", "unused", "--out", out)
+    assert_clean_failure(with_model, f"mask file {mask} not found", out=out)  # checked before scoring
 
 
 def test_model_of_another_format_version(small_model, stc_root, tmp_path):
@@ -96,3 +99,15 @@ def test_empty_folder(small_model, tmp_path):
     out = tmp_path / "maps"
     result = run("score", small_model, tmp_path / "empty", "--out", out, *SMALL_SCORE)
     assert_clean_failure(result, f"folder {tmp_path / 'empty'} holds neither frames nor videos", out=out)
+
+
+def test_evaluate_all_scenes_with_a_model_scores_first(ray_local, small_model, stc_root, tmp_path):
+    shutil.copytree(small_model, tmp_path / "stc_01")
+    template = str(tmp_path / "stc_{scene}")
+    out = tmp_path / "eval"
+    result = run("evaluate", "stc", "--scene", "all", "--root", stc_root, "--model", template, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert [r["scene"] for r in json.loads((out / "metrics.json").read_text())] == ["01"]
+    assert (out / "maps_01" / "scores.parquet").is_file() and (out / "scene_01" / "roc.png").is_file()
+    missing = run("evaluate", "stc", "--scene", "all", "--root", stc_root, "--model", str(tmp_path / "none_{scene}"), "--out", out)
+    assert_clean_failure(missing, "no model matches")
