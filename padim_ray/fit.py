@@ -7,8 +7,7 @@ import logging
 import math
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -18,52 +17,19 @@ import ray
 import torch
 from tqdm import tqdm
 
+from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats
 from padim_ray.runtime import connect, plan_actors, user_errors
 from padim_ray.store import create_model_store, publish, set_model_attributes, staged_output, write_shard
-from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
 
 # (device) -> (frames batch) -> embeddings (B, d, h, w); picklable, built once inside each actor
 EmbedderFactory = Callable[[torch.device], Callable[[np.ndarray], torch.Tensor]]
-
-
-class FrameAccountingError(PadimError):
-    """The frames accumulated differ from the frames decoded."""
-
-
-@dataclass
-class Accounting:
-    """What one actor (or, merged, the whole fit) consumed: rows per work unit and units' totals."""
-
-    rows: Counter = field(default_factory=Counter)  # unit id -> rows accumulated
-    totals: dict = field(default_factory=dict)  # unit id -> frames the decoder produced for it
-    count: int = 0  # embeddings folded into the statistics
-
-    def merge(self, other: Accounting) -> Accounting:
-        twice = self.totals.keys() & other.totals.keys()
-        if twice:
-            raise FrameAccountingError(f"work units {sorted(twice)} were finished twice")
-        return Accounting(self.rows + other.rows, {**self.totals, **other.totals}, self.count + other.count)
-
-    def check(self, units: list[WorkUnit]) -> int:
-        """Raise unless every unit was decoded and all its frames accumulated exactly once."""
-        paths = {u.uid: u.path for u in units}
-        for uid, path in paths.items():
-            if uid not in self.totals:
-                raise FrameAccountingError(f"input {path} was never fully decoded; the fit is incomplete")
-            if self.rows[uid] != self.totals[uid]:
-                raise FrameAccountingError(
-                    f"input {path}: decoded {self.totals[uid]} frames but accumulated {self.rows[uid]}"
-                )
-        frames = sum(self.totals.values())
-        if frames != self.count:
-            raise FrameAccountingError(f"statistics hold {self.count} frames, the inputs decoded to {frames}")
-        return frames
 
 
 @ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
@@ -81,12 +47,9 @@ class StatsActor:
     def consume(self, split, batch_size: int) -> Accounting:
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy"):
             self.stats.update(self.embed(batch["frame"]))
-            units, counts = np.unique(batch["unit"], return_counts=True)
-            self.accounting.rows.update(dict(zip(units.tolist(), counts.tolist())))
-            last = batch["unit_total"] != NOT_LAST
-            self.accounting.totals.update(zip(batch["unit"][last].tolist(), batch["unit_total"][last].tolist()))
+            self.accounting.add_batch(batch["unit"], batch["unit_total"])
             self.frames += len(batch["unit"])
-        self.accounting.count = self.stats.count
+        self.accounting.count = self.stats.count  # what the statistics hold, checked against the decoder
         return self.accounting
 
     def progress(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from padim_ray.accounting import Accounting
 from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
 from padim_ray.runtime import connect, plan_actors, user_errors
 from padim_ray.store import MapWriter, StoreError, open_model, publish, staged_output, write_scores
-from padim_ray.video import NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ class Scorer:
         self.mean = torch.from_numpy(store.read("mean")).to(device, torch.float32)  # (P, d)
         self.precision = torch.from_numpy(store.read("precision")).to(device, torch.float32)  # (P, d, d)
         self.kernel = gaussian_kernel(score.blur_sigma, score.blur_truncate)
-        self.image_size = config.image_size
-        self.attrs = store.attrs
 
     @torch.inference_mode()
     def distances(self, frames: np.ndarray) -> torch.Tensor:
@@ -116,7 +114,7 @@ def input_ids(units: list[WorkUnit]) -> dict[int, str]:
     """A readable unique id per input (file stem or folder name, e.g. 01_0014), for each unit."""
     ids: dict[str, str] = {}
     for path in dict.fromkeys(u.path for u in units):
-        name = Path(path).stem if Path(path).suffix else Path(path).name
+        name = Path(path).stem if Path(path).is_file() else Path(path).name
         ids[path] = name if name not in ids.values() else f"{name}_{len(ids)}"
     return {u.uid: ids[u.path] for u in units}
 
@@ -173,7 +171,7 @@ def _write_maps(scored, units, ids, staging: Path, store, score: ScoreConfig, es
     )
     paths = {u.uid: u.path for u in units}
     table: dict[str, list] = {"input": [], "frame": [], "score": [], "max_y": [], "max_x": []}
-    rows, totals = Counter(), {}
+    accounting = Accounting()
     with tqdm(total=estimate, unit="frame", desc="score", file=sys.stderr, mininterval=2) as bar:
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             for i, uid in enumerate(batch["unit"].tolist()):
@@ -183,13 +181,9 @@ def _write_maps(scored, units, ids, staging: Path, store, score: ScoreConfig, es
                     table[column].append(batch[column][i].item())
                 table["input"].append(input_id)
                 table["frame"].append(index)
-                rows[uid] += 1
-                if batch["unit_total"][i] != NOT_LAST:
-                    totals[uid] = int(batch["unit_total"][i])
+            accounting.add_batch(batch["unit"], batch["unit_total"])
             bar.update(len(batch["unit"]))
     frames = writer.close()
-    for uid, path in paths.items():
-        if totals.get(uid) != rows[uid]:
-            raise PadimError(f"input {path}: decoded {totals.get(uid)} frames but scored {rows[uid]}")
+    accounting.check(units)
     write_scores(staging, table)
     return frames

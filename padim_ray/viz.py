@@ -45,13 +45,12 @@ def plot_frame_scores(report, path: Path) -> Path:
 
 def _timeline(scores: np.ndarray, labels: np.ndarray | None, width: int, height: int) -> np.ndarray:
     """An RGB strip (height, width, 3) with the whole score curve (ground truth shaded if known)."""
-    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
     ax = fig.add_axes((0, 0, 1, 1))
     if labels is not None:
         ax.fill_between(np.arange(len(labels)), 0, 1, where=labels > 0, color="tab:red", alpha=0.3,
                         transform=ax.get_xaxis_transform(), step="mid")
     ax.plot(scores, color="white", linewidth=1.5)
-    ax.set_facecolor("black")
     ax.set_xlim(0, max(1, len(scores) - 1))
     ax.set_ylim(0, float(scores.max()) * 1.05 + 1e-9)
     ax.axis("off")
@@ -72,7 +71,7 @@ def overlay(frame: np.ndarray, anomaly_map: np.ndarray, upper: float) -> np.ndar
         anomaly_map = resized[0, 0].numpy()
     level = np.clip(anomaly_map / upper, 0, 1)
     heat = matplotlib.colormaps["jet"](level)[..., :3] * 255  # (H, W, 3)
-    alpha = (0.15 + 0.5 * level)[..., None]
+    alpha = (0.65 * level)[..., None]  # normal regions keep the footage as it is
     return (frame * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 

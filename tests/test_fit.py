@@ -11,7 +11,8 @@ import torch
 
 from padim_ray.config import ClusterConfig
 from padim_ray.embedding import Embedder
-from padim_ray.fit import FrameAccountingError, accumulate, fit_model
+from padim_ray.accounting import Accounting, FrameAccountingError
+from padim_ray.fit import accumulate, fit_model
 from padim_ray.gaussian import finalize
 from padim_ray.runtime import ClusterError, plan_actors
 from padim_ray.stc import scene_videos
@@ -102,16 +103,15 @@ def test_frame_stride_keeps_every_nth_frame(ray_local, stc_root, tmp_path, actor
 
 
 def test_accounting_catches_missing_and_extra_frames():
-    from padim_ray.fit import Accounting
     from collections import Counter
 
     units = [WorkUnit(0, "a.avi"), WorkUnit(1, "b.avi")]
     assert Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 5).check(units) == 5
     with pytest.raises(FrameAccountingError, match="b.avi was never fully decoded"):
         Accounting(Counter({0: 3, 1: 2}), {0: 3}, 5).check(units)
-    with pytest.raises(FrameAccountingError, match="b.avi: decoded 2 frames but accumulated 1"):
+    with pytest.raises(FrameAccountingError, match="b.avi: decoded 2 frames but used 1"):
         Accounting(Counter({0: 3, 1: 1}), {0: 3, 1: 2}, 4).check(units)
-    with pytest.raises(FrameAccountingError, match="statistics hold 6 frames"):
+    with pytest.raises(FrameAccountingError, match="6 frames were used, the inputs decoded to 5"):
         Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 6).check(units)
     with pytest.raises(FrameAccountingError, match="finished twice"):
         Accounting(Counter(), {0: 3}, 3).merge(Accounting(Counter(), {0: 3}, 3))
