@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
-import torch
 import torch.nn.functional as F
 import zarr
 from scipy.ndimage import gaussian_filter

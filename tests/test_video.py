@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 
 from padim_ray.video import NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
