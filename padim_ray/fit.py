@@ -42,18 +42,16 @@ class StatsActor:
         self.embed = make_embedder(device)
         self.stats = GaussianStats.empty(positions, dims, device)
         self.accounting = Accounting()
-        self.frames = 0
 
     def consume(self, split, batch_size: int) -> Accounting:
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy"):
             self.stats.update(self.embed(batch["frame"]))
             self.accounting.add_batch(batch["unit"], batch["unit_total"])
-            self.frames += len(batch["unit"])
         self.accounting.count = self.stats.count  # what the statistics hold, checked against the decoder
         return self.accounting
 
     def progress(self) -> int:
-        return self.frames
+        return self.accounting.count
 
     def shards(self, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
         parts = [self.stats.shard(start, stop) for start, stop in bounds]
