@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -40,10 +41,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail_cleanly(error: PadimError) -> None:
-    # Ray Data appends retry advice to errors raised in its tasks; our message is the first line
-    typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
-    raise typer.Exit(code=1)
+@contextmanager
+def _one_line_errors():
+    """Turn a PadimError into one line on stderr and exit code 1."""
+    try:
+        yield
+    except PadimError as error:
+        # Ray Data appends retry advice to errors raised in its tasks; our message is the first line
+        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 @app.command()
@@ -73,7 +79,7 @@ def fit(
 
     model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
     cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in)
-    try:
+    with _one_line_errors():
         if source is Source.stc:
             if not scene or paths:
                 raise PadimError("fit stc takes --scene (e.g. --scene 01) and no PATHS")
@@ -86,8 +92,6 @@ def fit(
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
             inputs = paths
         result = fit_model(inputs, out, model, cluster, overwrite=overwrite, address=address)
-    except PadimError as error:
-        _fail_cleanly(error)
     typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s)")
 
 
@@ -108,13 +112,11 @@ def score(
     """Score videos into anomaly-map sequences and per-frame scores."""
     from padim_ray.score import score_inputs
 
-    if map_dtype not in ("float16", "float32"):
-        _fail_cleanly(PadimError(f"--map-dtype must be float16 or float32, got {map_dtype}"))
     cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
-    try:
+    with _one_line_errors():
+        if map_dtype not in ("float16", "float32"):
+            raise PadimError(f"--map-dtype must be float16 or float32, got {map_dtype}")
         result = score_inputs(model, inputs, out, map_size, ScoreConfig(map_dtype=map_dtype), cluster, overwrite, address)
-    except PadimError as error:
-        _fail_cleanly(error)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")
 
 
@@ -132,12 +134,10 @@ def evaluate(
     """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks."""
     from padim_ray.evaluate import evaluate_stc, format_table
 
-    try:
+    with _one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
         reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address})
-    except PadimError as error:
-        _fail_cleanly(error)
     typer.echo(format_table(reports))
     typer.echo(f"report: {out / 'metrics.json'}")
 
@@ -152,10 +152,8 @@ def render(
     """Write the footage with its anomaly heatmap and a score timeline as an MP4."""
     from padim_ray.viz import render_input
 
-    try:
+    with _one_line_errors():
         typer.echo(f"video: {render_input(maps, input, out, fps)}")
-    except PadimError as error:
-        _fail_cleanly(error)
 
 
 @app.command("make-synthetic")
@@ -188,10 +186,8 @@ def demo(
     """Offline end to end: generate a synthetic scene, fit PaDiM with pretrained EfficientNet-Lite0."""
     from padim_ray.demo import run_demo
 
-    try:
+    with _one_line_errors():
         run_demo(workdir, address=address)
-    except PadimError as error:
-        _fail_cleanly(error)
 
 
 if __name__ == "__main__":
