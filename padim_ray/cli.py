@@ -25,9 +25,9 @@ Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
 
 # options shared by every command that runs on Ray
 BatchSize = Annotated[int, typer.Option(help="Frames per forward pass.")]
-Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else CPUs - 1).")]
+Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
-CpusPerActor = Annotated[float, typer.Option(help="CPUs reserved per actor.")]
+CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
 
 
@@ -102,6 +102,7 @@ def score(
     out: Annotated[Path, typer.Option(help="Anomaly-map store to write (zarr + scores.parquet).")],
     map_size: Annotated[str, typer.Option(help="native (each input's size), model, or HxW.")] = "native",
     map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
+    blur_at: Annotated[str, typer.Option(help="model: blur at the model's input size, as the paper (default); map: at the map size.")] = ScoreConfig.blur_at,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing map store.")] = False,
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
@@ -116,7 +117,10 @@ def score(
     with _one_line_errors():
         if map_dtype not in ("float16", "float32"):
             raise PadimError(f"--map-dtype must be float16 or float32, got {map_dtype}")
-        result = score_inputs(model, inputs, out, map_size, ScoreConfig(map_dtype=map_dtype), cluster, overwrite, address)
+        if blur_at not in ("model", "map"):
+            raise PadimError(f"--blur-at must be model or map, got {blur_at}")
+        score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
+        result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")
 
 

@@ -28,9 +28,12 @@ class ModelConfig:
 class ClusterConfig:
     """How a fit is spread over Ray; changes speed, never the result."""
 
-    actors: int | None = None  # None: one per GPU, or on CPU clusters leave one CPU for decoding
+    actors: int | None = None  # None: one per GPU, or one per CPU node running torch on all its cores
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0  # CPU actors run torch on this many threads
+    cpus_per_actor: float | None = None  # None: a whole node less its decode share (CPU), cpus_per_gpu_actor (GPU)
+    cpus_per_gpu_actor: float = 1.0  # a GPU actor only feeds its GPU; the node's other CPUs decode
+    decode_share: float = 1 / 16  # of a CPU node's CPUs (at least 1) left to decode tasks: decoding at 256x256
+    #                               costs ~4% of an R18 forward pass per frame (scripts/bench_fit.py)
     batch_size: int = 32  # frames per forward pass
     fan_in: int = 4  # partials merged per reduction task
     shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store
@@ -43,5 +46,8 @@ class ScoreConfig:
 
     blur_sigma: float = 4.0  # Gaussian filter on the upsampled map (paper, sec. 3)
     blur_truncate: float = 4.0  # kernel radius = truncate * sigma = 16 px (33 taps), scipy's default
+    blur_at: str = "model"  # "model": blur at the model's input size, then resize to the map size, as the
+    #                         paper and anomalib do (sigma 4 of 256 px); "map": blur at the map size (a
+    #                         sigma-4 blur at 856x480 is a third as wide relative to the frame, on 6x the pixels)
     map_dtype: str = "float16"  # half the disk of float32; distances stay within 1e-3 relative
     chunk_frames: int = 16  # frames per zarr chunk of a map sequence

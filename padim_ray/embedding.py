@@ -49,8 +49,10 @@ class Embedder(nn.Module):
         ]
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1))
-        self.to(device)
         self.device = torch.device(device)
+        # channels_last: frames arrive as (B, H, W, 3), and both oneDNN (CPU, ~12% faster here) and
+        # cuDNN's tensor-core kernels (with bf16 autocast in forward) prefer it
+        self.to(device, memory_format=torch.channels_last)
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
             self.grid: tuple[int, int] = tuple(self.extractor(probe)[self.spec.stages[0]].shape[-2:])
@@ -65,18 +67,44 @@ class Embedder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Embed uint8 RGB frames (B, H, W, 3); returns float32 (B, d, h, w) on self.device."""
+        """Embed uint8 RGB frames (B, H, W, 3); returns float32 (B, d, h, w) on self.device.
+
+        The result is a view of positions-major memory (h, w, B, d), the layout the statistics and
+        the Mahalanobis distance work in, so neither has to transpose it.
+        """
         frames = torch.as_tensor(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise PadimError(f"frames must be (B, H, W, 3) RGB, got shape {tuple(frames.shape)}")
+        if self.device.type == "cuda":
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
         frames = resize_frames(frames.to(self.device), self.image_size)
-        x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
-        x = (x - self.mean) / self.std
-        features = self.extractor(x)
-        grid = features[self.spec.stages[0]].shape[-2:]
-        parts = []
+        x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S), channels_last strides
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            features = self.extractor(x)
+        batch, (height, width) = len(x), features[self.spec.stages[0]].shape[-2:]
+        out = torch.empty(height, width, batch, self.dims, device=self.device)  # (h, w, B, d)
+        offset = 0
         for stage, channels in zip(self.spec.stages, self.stage_channels):
             if len(channels):  # select before upsampling: each chosen channel belongs to one stage
-                part = features[stage][:, channels.to(self.device)]  # (B, c_s, h_s, w_s)
-                parts.append(F.interpolate(part, size=grid, mode="nearest"))
-        return torch.cat(parts, dim=1)  # (B, d, h, w)
+                part = features[stage][:, channels.to(self.device)].float()  # (B, c_s, h_s, w_s)
+                _place_upsampled(out[..., offset : offset + len(channels)], part)
+                offset += len(channels)
+        return out.permute(2, 3, 0, 1)  # (B, d, h, w), a view
+
+
+def _place_upsampled(out: torch.Tensor, part: torch.Tensor) -> None:
+    """Write `part` (B, c, h_s, w_s), nearest-upsampled to the grid, into `out` (h, w, B, c).
+
+    Where the grid is a whole multiple of the stage's map, nearest upsampling repeats each cell:
+    broadcasting into a (h_s, f, w_s, f, B, c) view does that with no intermediate copy.
+    """
+    height, width = out.shape[:2]
+    part_height, part_width = part.shape[-2:]
+    if height % part_height or width % part_width:
+        part = F.interpolate(part, size=(height, width), mode="nearest")
+        out.copy_(part.permute(2, 3, 0, 1))  # (h, w, B, c)
+        return
+    fy, fx = height // part_height, width // part_width
+    cells = out.view(part_height, fy, width // fx, fx, *out.shape[2:])  # (h_s, fy, w_s, fx, B, c)
+    cells.copy_(part.permute(2, 3, 0, 1)[:, None, :, None])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -15,14 +14,13 @@ from typing import Callable
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
-from padim_ray.gaussian import GaussianStats, finalize, merge_stats
-from padim_ray.runtime import connect, plan_actors, user_errors
+from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
+from padim_ray.runtime import SplitConsumer, connect, describe_plan, plan_actors, stream_to_actors, user_errors
 from padim_ray.store import create_model_store, publish, set_model_attributes, staged_output, write_shard
 from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
 
@@ -33,28 +31,23 @@ EmbedderFactory = Callable[[torch.device], Callable[[np.ndarray], torch.Tensor]]
 
 
 @ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
-class StatsActor:
+class StatsActor(SplitConsumer):
     """Embeds its split of the frame stream and accumulates per-position statistics locally."""
 
     def __init__(self, make_embedder: EmbedderFactory, positions: int, dims: int, threads: int):
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.embed = make_embedder(device)
-        self.stats = GaussianStats.empty(positions, dims, device)
-        self.accounting = Accounting()
+        self.accumulator = StatsAccumulator(positions, dims, device)
 
-    def consume(self, split, batch_size: int) -> Accounting:
-        for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            self.stats.update(self.embed(batch["frame"]))
-            self.accounting.add_batch(batch["unit"], batch["unit_total"])
-        self.accounting.count = self.stats.count  # what the statistics hold, checked against the decoder
-        return self.accounting
+    def process(self, batch: dict) -> None:
+        self.accumulator.update(self.embed(batch["frame"]))
 
-    def progress(self) -> int:
-        return self.accounting.count
+    def result(self) -> int:
+        return self.accumulator.count  # what the statistics hold, checked against the decoder
 
     def shards(self, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
-        parts = [self.stats.shard(start, stop) for start, stop in bounds]
+        parts = [self.accumulator.stats(start, stop) for start, stop in bounds]
         return parts if len(parts) > 1 else parts[0]  # Ray stores a single return value as is
 
 
@@ -97,18 +90,12 @@ def accumulate(
     """
     plan = plan_actors(cluster)
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
-    options = dict(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, scheduling_strategy="SPREAD")
-    actors = [StatsActor.options(**options).remote(make_embedder, positions, dims, plan.torch_threads) for _ in range(plan.actors)]
-    log.info("fit: %d actors (%g CPU, %g GPU each), %d position shards", plan.actors, plan.num_cpus, plan.num_gpus, len(bounds))
+    actors = [StatsActor.options(**spec.options()).remote(make_embedder, positions, dims, spec.threads) for spec in plan]
+    log.info("fit: %d actors (%s), %d position shards", len(plan), describe_plan(plan), len(bounds))
     try:
-        splits = dataset.streaming_split(plan.actors, equal=False)  # equal=True would drop rows
-        pending = [actor.consume.remote(split, cluster.batch_size) for actor, split in zip(actors, splits)]
-        consumed = list(pending)
-        with tqdm(total=expected_frames, unit="frame", desc="fit", file=sys.stderr, mininterval=2) as bar:
-            while pending:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
-                bar.update(sum(ray.get([actor.progress.remote() for actor in actors])) - bar.n)
-        accounting = functools.reduce(Accounting.merge, ray.get(consumed))
+        accounting, counts = stream_to_actors(dataset, actors, cluster.batch_size, expected_frames, "fit")
+        if sum(counts) != accounting.count:
+            raise FrameAccountingError(f"statistics hold {sum(counts)} frames, the actors counted {accounting.count}")
         per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in actors]
         per_actor = [refs if isinstance(refs, list) else [refs] for refs in per_actor]
         ray.wait([ref for refs in per_actor for ref in refs], num_returns=len(bounds) * len(actors), fetch_local=False)

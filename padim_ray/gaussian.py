@@ -1,8 +1,9 @@
 """Per-position Gaussian statistics: streaming update, exact merge, finalize, Mahalanobis distance.
 
-Statistics are kept centred (count, mean, M2 = sum of outer products of deviations) in float64 and
-combined with Chan et al.'s pairwise formula, so a fit over any split of the frames equals a
-two-pass float64 computation even when |mean| >> std. No Ray, no zarr: plain torch.
+Frames are folded into shifted float64 sums (StatsAccumulator); finished statistics are kept centred
+(count, mean, M2 = sum of outer products of deviations) and combined with Chan et al.'s pairwise
+formula, so a fit over any split of the frames equals a two-pass float64 computation even when
+|mean| >> std. No Ray, no zarr: plain torch.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ class GaussianStats:
     @classmethod
     def from_embeddings(cls, embeddings: torch.Tensor) -> GaussianStats:
         """Statistics of a batch of embeddings shaped (B, d, h, w); positions are row-major (h, w)."""
-        positions = embeddings[0, 0].numel()
-        stats = cls.empty(positions, embeddings.shape[1], device=embeddings.device)
-        return stats.update(embeddings)
+        accumulator = StatsAccumulator(embeddings[0, 0].numel(), embeddings.shape[1], embeddings.device)
+        return accumulator.update(embeddings).stats()
 
     @property
     def positions(self) -> int:
@@ -44,32 +44,53 @@ class GaussianStats:
     def dims(self) -> int:
         return self.mean.shape[1]
 
-    def update(self, embeddings: torch.Tensor) -> GaussianStats:
-        """Fold a batch (B, d, h, w) into these statistics in place (Chan's merge); returns self.
 
-        In place so that the accumulator of a large model (WR50-Rd550: 10 GB) is never copied.
+class StatsAccumulator:
+    """Streaming float64 sums of embeddings shifted by a fixed per-position reference.
+
+    Each position keeps S1 = sum_k (x_k - K) and S2 = sum_k (x_k - K)(x_k - K)^T, where K is the
+    first batch's mean; then mean = K + S1 / n and M2 = S2 - S1 S1^T / n. Because K is within a few
+    standard deviations of the mean, the subtraction loses only a few ulps even when |mean| >> std,
+    and a batch costs one subtraction, one sum and one batched rank-B update: no per-batch mean and
+    no rank-1 correction (Chan's merge is kept for combining finished statistics).
+    """
+
+    def __init__(self, positions: int, dims: int, device: torch.device | str = "cpu"):
+        self.count = 0
+        self.shift = torch.zeros(positions, 1, dims, dtype=torch.float64, device=device)  # K, (P, 1, d)
+        self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)  # S1, (P, d)
+        self.sum_outer = torch.zeros(positions, dims, dims, dtype=torch.float64, device=device)  # S2, (P, d, d)
+
+    @property
+    def dims(self) -> int:
+        return self.sum.shape[1]
+
+    def update(self, embeddings: torch.Tensor) -> StatsAccumulator:
+        """Fold a batch (B, d, h, w) in place; returns self.
+
+        In place so that the accumulator of a large model (WR50-Rd550: 10 GB) is never copied. The
+        Embedder's output is a view of positions-major memory, so the permute below copies nothing.
         """
         batch, dims = embeddings.shape[:2]
         if dims != self.dims:
             raise ValueError(f"embeddings have {dims} dims, statistics have {self.dims}")
-        x = embeddings.reshape(batch, dims, -1).permute(2, 0, 1).to(torch.float64)  # (P, B, d)
-        batch_mean = x.mean(dim=1)  # (P, d)
-        centred = x - batch_mean.unsqueeze(1)  # (P, B, d)
-        count = self.count + batch
-        delta = batch_mean - self.mean  # (P, d)
-        self.m2.baddbmm_(centred.transpose(1, 2), centred)  # batched rank-B update, (P, d, d)
-        self.m2.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=self.count * batch / count)
-        self.mean.add_(delta, alpha=batch / count)
-        self.count = count
+        x = embeddings.reshape(batch, dims, -1).permute(2, 0, 1).contiguous()  # (P, B, d)
+        if self.count == 0:
+            self.shift.copy_(x.mean(dim=1, keepdim=True, dtype=torch.float64))
+        shifted = torch.sub(x, self.shift)  # (P, B, d) float64: float32 inputs widen exactly
+        self.sum.add_(shifted.sum(dim=1))
+        self.sum_outer.baddbmm_(shifted.transpose(1, 2), shifted)  # batched rank-B update, (P, d, d)
+        self.count += batch
         return self
 
-    def shard(self, start: int, stop: int) -> GaussianStats:
-        """The statistics of positions [start, stop), as contiguous CPU tensors."""
-        return GaussianStats(
-            count=self.count,
-            mean=self.mean[start:stop].cpu().contiguous(),
-            m2=self.m2[start:stop].cpu().contiguous(),
-        )
+    def stats(self, start: int = 0, stop: int | None = None) -> GaussianStats:
+        """The statistics of positions [start, stop), as new contiguous CPU tensors."""
+        total = self.sum[start:stop]  # (p, d)
+        mean = self.shift[start:stop, 0] + total / max(self.count, 1)
+        m2 = torch.baddbmm(
+            self.sum_outer[start:stop], total.unsqueeze(2), total.unsqueeze(1), alpha=-1 / max(self.count, 1)
+        )  # S2 - S1 S1^T / n, (p, d, d)
+        return GaussianStats(count=self.count, mean=mean.cpu().contiguous(), m2=m2.cpu().contiguous())
 
 
 def merge_stats(a: GaussianStats, b: GaussianStats) -> GaussianStats:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
+from tqdm import tqdm
 
+from padim_ray.accounting import Accounting
 from padim_ray.config import ClusterConfig
 from padim_ray.errors import PadimError
 
@@ -34,36 +39,43 @@ def connect(address: str | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class ActorPlan:
-    """How many actors to start and what each reserves."""
+class ActorSpec:
+    """What one actor reserves, how many torch threads it runs, and where it goes."""
 
-    actors: int
     num_cpus: float
     num_gpus: float
+    threads: int
+    node_id: str | None = None  # pinned to this node (whole-node CPU actors); None: spread over nodes
 
-    @property
-    def torch_threads(self) -> int:
-        return max(1, int(round(self.num_cpus)))
+    def options(self) -> dict:
+        """Ray actor options: resources and scheduling strategy."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(self.node_id, soft=False) if self.node_id else "SPREAD"
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "scheduling_strategy": strategy}
 
 
-def plan_actors(cluster: ClusterConfig) -> ActorPlan:
-    """Size the actor pool so that at least one CPU is always left for decode tasks.
+def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
+    """One actor per GPU, or one per CPU node using every core; or what --actors/--cpus-per-actor say.
 
-    With every CPU reserved by actors, Ray Data's read tasks never run and streaming_split waits
-    forever (DESIGN.md sec. 4), so that case is an error here rather than a hang.
+    A whole-node CPU actor reserves all but `decode_cpus(node)` of its node's CPUs, so decode tasks
+    always have CPUs (with every CPU reserved, Ray Data's read tasks never run and streaming_split
+    waits forever, DESIGN.md sec. 4), and runs torch on all the node's cores: decoding at the model's
+    input size is a few percent of the forward pass. Each actor holds one full accumulator, so fewer,
+    wider actors also bound memory. A plan that leaves decoding no CPU is an error here, not a hang.
     """
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     gpus_per_actor = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    cpus_per_actor = cluster.cpus_per_actor
+    if cluster.actors is None and cluster.cpus_per_actor is None and not gpus_per_actor:
+        return _whole_node_actors(cluster)
+    cpus_per_actor = cluster.cpus_per_actor if cluster.cpus_per_actor is not None else cluster.cpus_per_gpu_actor
     if cluster.actors is not None:
         actors = cluster.actors
     elif gpus_per_actor:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int((cpus - 1) // cpus_per_actor))
-    if actors < 1:
-        raise ClusterError(f"--actors must be at least 1, got {actors}")
     if actors * gpus_per_actor > gpus:
         raise ClusterError(
             f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs; "
@@ -74,7 +86,72 @@ def plan_actors(cluster: ClusterConfig) -> ActorPlan:
             f"{actors} actors x {cpus_per_actor:g} CPUs leave fewer than 1 of the cluster's {cpus:g} CPUs for decoding; "
             "lower --actors or --cpus-per-actor"
         )
-    return ActorPlan(actors=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+    threads = max(1, int(round(cpus_per_actor)))
+    return [ActorSpec(cpus_per_actor, gpus_per_actor, threads) for _ in range(actors)]
+
+
+def decode_cpus(cluster: ClusterConfig, node_cpus: float) -> float:
+    """CPUs of a node left to decode tasks when a whole-node actor runs there."""
+    return max(1.0, node_cpus * cluster.decode_share)
+
+
+def _whole_node_actors(cluster: ClusterConfig) -> list[ActorSpec]:
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 2]
+    if not nodes:
+        raise ClusterError(
+            "no node has the 2 CPUs a whole-node actor needs (one to embed, one to decode); "
+            "pass --actors and --cpus-per-actor to size actors yourself"
+        )
+    specs = []
+    for node in nodes:
+        node_cpus = node["Resources"]["CPU"]
+        specs.append(ActorSpec(node_cpus - decode_cpus(cluster, node_cpus), 0.0, int(node_cpus), node["NodeID"]))
+    return specs
+
+
+def describe_plan(plan: list[ActorSpec]) -> str:
+    """e.g. '1 x (1 CPU, 0 GPU, 2 threads)', for logs."""
+    kinds = collections.Counter(f"{s.num_cpus:g} CPU, {s.num_gpus:g} GPU, {s.threads} threads" for s in plan)
+    return ", ".join(f"{count} x ({kind})" for kind, count in kinds.items())
+
+
+class SplitConsumer:
+    """Base of actors that consume one streaming split of decoded frames (see stream_to_actors).
+
+    Subclasses implement `process(batch)` and `result()`; this class counts every row per work unit.
+    """
+
+    accounting = Accounting()
+
+    def consume(self, split, batch_size: int):
+        """Process every batch of `split`; returns (accounting, self.result())."""
+        self.accounting = Accounting()
+        for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            self.process(batch)
+            self.accounting.add_batch(batch["unit"], batch["unit_total"])
+        return self.accounting, self.result()
+
+    def progress(self) -> int:
+        """Frames processed so far (answered while consume runs: actors need max_concurrency=2)."""
+        return self.accounting.count
+
+
+def stream_to_actors(dataset, actors: list, batch_size: int, expected: int | None, desc: str) -> tuple[Accounting, list]:
+    """Hand one streaming split of `dataset` to each SplitConsumer actor, with one progress bar.
+
+    Returns:
+        The merged accounting of all actors and each actor's result, in actor order.
+    """
+    splits = dataset.streaming_split(len(actors), equal=False)  # equal=True would drop rows
+    pending = [actor.consume.remote(split, batch_size) for actor, split in zip(actors, splits)]
+    consumed = list(pending)
+    with tqdm(total=expected, unit="frame", desc=desc, file=sys.stderr, mininterval=2) as bar:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            bar.update(sum(ray.get([actor.progress.remote() for actor in actors])) - bar.n)
+    outcomes = ray.get(consumed)
+    accounting = functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes])
+    return accounting, [result for _, result in outcomes]
 
 
 @contextmanager

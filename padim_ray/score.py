@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +12,17 @@ import numpy as np
 import ray
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from padim_ray.accounting import Accounting
 from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
-from padim_ray.runtime import connect, plan_actors, user_errors
-from padim_ray.store import MapWriter, StoreError, open_model, publish, staged_output, write_scores
-from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.runtime import SplitConsumer, connect, describe_plan, plan_actors, stream_to_actors, user_errors
+from padim_ray.store import (
+    MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_store, open_model, publish, staged_output,
+    trim_map_arrays, write_scores,
+)
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,21 @@ def gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
-def anomaly_maps(distances: torch.Tensor, size: tuple[int, int], kernel: torch.Tensor) -> torch.Tensor:
-    """Upsample (B, h, w) distances bilinearly (align_corners=False) to `size`, then blur separably."""
-    x = F.interpolate(distances.unsqueeze(1), size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+def anomaly_maps(
+    distances: torch.Tensor, size: tuple[int, int], kernel: torch.Tensor, blur_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Upsample (B, h, w) distances bilinearly (align_corners=False) to `blur_size`, blur separably,
+    then resize bilinearly to `size` (when `blur_size` is None or equal, maps are blurred at `size`)."""
+    blur_size = blur_size or size
     radius = len(kernel) // 2
+    if radius >= min(blur_size):
+        raise PadimError(f"a blur of radius {radius} px needs maps larger than {blur_size}; use a larger --image-size")
+    x = F.interpolate(distances.unsqueeze(1), size=blur_size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
     taps = kernel.to(x.device, x.dtype)
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1))  # along H
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))  # along W
+    if tuple(blur_size) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x.squeeze(1)  # (B, H, W)
 
 
@@ -57,6 +66,7 @@ class Scorer:
         self.mean = torch.from_numpy(store.read("mean")).to(device, torch.float32)  # (P, d)
         self.precision = torch.from_numpy(store.read("precision")).to(device, torch.float32)  # (P, d, d)
         self.kernel = gaussian_kernel(score.blur_sigma, score.blur_truncate)
+        self.blur_size = (config.image_size, config.image_size) if score.blur_at == "model" else None
 
     @torch.inference_mode()
     def distances(self, frames: np.ndarray) -> torch.Tensor:
@@ -66,35 +76,43 @@ class Scorer:
     @torch.inference_mode()
     def maps(self, frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """Blurred anomaly maps (B, H, W) at `size`."""
-        return anomaly_maps(self.distances(frames), size, self.kernel)
+        return anomaly_maps(self.distances(frames), size, self.kernel, self.blur_size)
 
 
-class ScoreActor:
-    """Ray Data callable class: a batch of decoded frames -> maps, frame scores and argmax."""
+@ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
+class ScoreActor(SplitConsumer):
+    """Scores its split of the frame stream and writes the maps into its own chunks of the map store.
 
-    def __init__(self, model_path: str, score: ScoreConfig, map_size: tuple[int, int] | None, threads: int):
+    Only the small per-frame rows (score and its location) go back to the driver.
+    """
+
+    def __init__(self, model_path: str, score: ScoreConfig, staging: str, targets: dict[int, MapTarget], threads: int):
         torch.set_num_threads(threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.scorer = Scorer(model_path, score, device)
-        self.map_size = map_size
+        self.writer = MapChunkWriter(Path(staging), score.chunk_frames)
+        self.targets = targets
+        self.rows: dict[str, list[np.ndarray]] = {column: [] for column in ("unit", "index", "score", "max_y", "max_x")}
 
-    def __call__(self, batch: dict) -> dict:
-        sizes = [self.map_size or (int(h), int(w)) for h, w in zip(batch["height"], batch["width"])]
-        maps: list[np.ndarray] = [None] * len(sizes)  # type: ignore[list-item]
+    def process(self, batch: dict) -> None:
+        sizes = [self.targets[int(uid)].size for uid in batch["unit"]]
         for size in set(sizes):  # a batch may straddle inputs of different resolutions
-            rows = [i for i, s in enumerate(sizes) if s == size]
-            for row, anomaly_map in zip(rows, self.scorer.maps(batch["frame"][rows], size).cpu().numpy()):
-                maps[row] = anomaly_map
-        peaks = [np.unravel_index(int(m.argmax()), m.shape) for m in maps]
-        return {
-            "unit": batch["unit"],
-            "index": batch["index"],
-            "unit_total": batch["unit_total"],
-            "map": maps if len(set(sizes)) > 1 else np.stack(maps),
-            "score": np.array([m.max() for m in maps], dtype=np.float32),
-            "max_y": np.array([p[0] for p in peaks], dtype=np.int64),
-            "max_x": np.array([p[1] for p in peaks], dtype=np.int64),
-        }
+            rows = np.array([i for i, s in enumerate(sizes) if s == size])
+            maps = self.scorer.maps(batch["frame"][rows], size)  # (n, H, W) float32
+            peaks = maps.flatten(1).argmax(dim=1)
+            self.rows["score"].append(maps.flatten(1).amax(dim=1).cpu().numpy())
+            self.rows["max_y"].append((peaks // size[1]).cpu().numpy())
+            self.rows["max_x"].append((peaks % size[1]).cpu().numpy())
+            for column in ("unit", "index"):
+                self.rows[column].append(batch[column][rows])
+            for row, anomaly_map in zip(rows, maps.cpu().numpy()):
+                target = self.targets[int(batch["unit"][row])]
+                self.writer.add(target.input_id, int(batch["index"][row]), anomaly_map, batch["unit_total"][row] != NOT_LAST)
+
+    def result(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int]]]:
+        """This actor's per-frame rows and the chunks it wrote."""
+        self.writer.close()
+        return {column: np.concatenate(parts) if parts else np.zeros(0) for column, parts in self.rows.items()}, self.writer.written
 
 
 def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
@@ -110,13 +128,14 @@ def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
     return height, width
 
 
-def input_ids(units: list[WorkUnit]) -> dict[int, str]:
-    """A readable unique id per input (file stem or folder name, e.g. 01_0014), for each unit."""
+def map_targets(units: list[WorkUnit], map_size: tuple[int, int] | None) -> dict[int, MapTarget]:
+    """Where each unit's maps go: a readable unique input id (file stem or folder name, e.g. 01_0014)
+    and the map size (`map_size`, or the input's own)."""
     ids: dict[str, str] = {}
     for path in dict.fromkeys(u.path for u in units):
         name = Path(path).stem if Path(path).is_file() else Path(path).name
         ids[path] = name if name not in ids.values() else f"{name}_{len(ids)}"
-    return {u.uid: ids[u.path] for u in units}
+    return {u.uid: MapTarget(ids[u.path], map_size or (u.height, u.width)) for u in units}
 
 
 @dataclass
@@ -141,49 +160,67 @@ def score_inputs(
     out = Path(out)
     store = open_model(model)
     size = parse_map_size(map_size, store.attrs["image_size"])
-    units, estimate = make_units(expand_inputs(list(inputs)))
-    ids = input_ids(units)
+    chunk = score.chunk_frames
+    units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
+    targets = map_targets(units, size)
     with staged_output(out, overwrite) as staging, user_errors():
+        create_map_store(staging, score.map_dtype, chunk, _map_arrays(units, targets), _map_attributes(store, score))
         connect(address)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.execution_options.preserve_order = True  # maps are appended in frame order
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
+        # decode blocks start on chunk boundaries, so every chunk is written by the one actor that got its block
+        dataset = frames_dataset(units, store.attrs["image_size"], 1, math.ceil(cluster.decode_batch / chunk) * chunk)
         plan = plan_actors(cluster)
-        scored = frames_dataset(units, store.attrs["image_size"], 1, cluster.decode_batch).map_batches(
-            ScoreActor,
-            fn_constructor_args=(str(Path(model).resolve()), score, size, plan.torch_threads),
-            batch_size=cluster.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus,
-        )
-        frames = _write_maps(scored, units, ids, staging, store, score, estimate)
+        args = (str(Path(model).resolve()), score, str(staging), targets)
+        actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
+        log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
+        try:
+            accounting, results = stream_to_actors(dataset, actors, cluster.batch_size, estimate, "score")
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        accounting.check(units)
+        check_chunk_owners([written for _, written in results])
+        frames = _frames_per_input(units, targets, accounting)
+        trim_map_arrays(staging, frames)
+        write_scores(staging, _score_table([rows for rows, _ in results], targets))
         publish(staging, out, overwrite)
     return ScoreResult(out=out, frames=frames, seconds=time.monotonic() - started)
 
 
-def _write_maps(scored, units, ids, staging: Path, store, score: ScoreConfig, estimate: int) -> dict[str, int]:
+def _map_arrays(units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict[str, tuple[tuple[int, int, int], dict]]:
+    """Shape (frames the headers declare, H, W) and attributes of each input's map array."""
+    arrays: dict[str, tuple[tuple[int, int, int], dict]] = {}
+    for unit in units:
+        target = targets[unit.uid]
+        frames = arrays[target.input_id][0][0] if target.input_id in arrays else 0
+        arrays[target.input_id] = ((frames + unit.frames, *target.size), {"source": unit.path})
+    return arrays
+
+
+def _map_attributes(store, score: ScoreConfig) -> dict:
     model_facts = {k: store.attrs[k] for k in ("backbone", "weights_identity", "dims", "image_size", "frames")}
-    writer = MapWriter(
-        staging, score.map_dtype, score.chunk_frames,
-        {"kind": "anomaly-maps", "model": str(store.path.resolve()), "model_facts": model_facts,
-         "blur_sigma": score.blur_sigma, "blur_truncate": score.blur_truncate},
-    )
-    paths = {u.uid: u.path for u in units}
-    table: dict[str, list] = {"input": [], "frame": [], "score": [], "max_y": [], "max_x": []}
-    accounting = Accounting()
-    with tqdm(total=estimate, unit="frame", desc="score", file=sys.stderr, mininterval=2) as bar:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for i, uid in enumerate(batch["unit"].tolist()):
-                input_id, index = ids[uid], int(batch["index"][i])
-                writer.add(input_id, index, batch["map"][i], {"source": paths[uid]})
-                for column in ("score", "max_y", "max_x"):
-                    table[column].append(batch[column][i].item())
-                table["input"].append(input_id)
-                table["frame"].append(index)
-            accounting.add_batch(batch["unit"], batch["unit_total"])
-            bar.update(len(batch["unit"]))
-    frames = writer.close()
-    accounting.check(units)
-    write_scores(staging, table)
+    return {
+        "kind": "anomaly-maps", "model": str(store.path.resolve()), "model_facts": model_facts,
+        "blur_sigma": score.blur_sigma, "blur_truncate": score.blur_truncate, "blur_at": score.blur_at,
+    }
+
+
+def _frames_per_input(units: list[WorkUnit], targets: dict[int, MapTarget], accounting) -> dict[str, int]:
+    frames: dict[str, int] = {}
+    for unit in units:
+        input_id = targets[unit.uid].input_id
+        frames[input_id] = frames.get(input_id, 0) + accounting.totals[unit.uid]
     return frames
+
+
+def _score_table(parts: list[dict[str, np.ndarray]], targets: dict[int, MapTarget]) -> dict[str, list]:
+    """One row per frame, ordered by input (as given) and frame."""
+    rows = {column: np.concatenate([part[column] for part in parts]) for column in parts[0]}
+    order = np.lexsort((rows["index"], rows["unit"]))
+    return {
+        "input": [targets[int(uid)].input_id for uid in rows["unit"][order]],
+        "frame": rows["index"][order].astype(np.int64).tolist(),
+        "score": rows["score"][order].astype(np.float32).tolist(),
+        "max_y": rows["max_y"][order].astype(np.int64).tolist(),
+        "max_x": rows["max_x"][order].astype(np.int64).tolist(),
+    }

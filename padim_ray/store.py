@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,44 +140,86 @@ def open_model(path: str | Path) -> ModelStore:
     return ModelStore(path=path, attrs=attrs, group=group)
 
 
-class MapWriter:
-    """Writes anomaly-map sequences under `path/maps.zarr`: one array per input, chunked by frames.
+@dataclass(frozen=True)
+class MapTarget:
+    """Where the maps of one work unit go: the input's array in maps.zarr, at this (H, W)."""
 
-    Rows must arrive in frame order per input (score.py runs Ray Data with preserve_order); each
-    input's array grows by whole chunks, so the driver is the only writer of every chunk.
+    input_id: str
+    size: tuple[int, int]
+
+
+def create_map_store(path: Path, dtype: str, chunk_frames: int, arrays: dict[str, tuple[tuple, dict]], attributes: dict) -> None:
+    """Create `path/maps.zarr` with one (T, H, W) array per input, chunked by `chunk_frames` frames.
+
+    T is what the input's header declares; trim_map_arrays cuts each array to the frames decoded.
+    """
+    group = zarr.open_group(str(path / MAPS_GROUP), mode="w", zarr_format=3)
+    group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
+    for input_id, (shape, array_attributes) in arrays.items():
+        group.create_array(
+            input_id, shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0, attributes=array_attributes
+        )
+
+
+class MapChunkWriter:
+    """Writes anomaly maps into the arrays of a map store, one whole chunk per write.
+
+    Many writers share a store; zarr read-modify-writes chunks, so each chunk must have one writer.
+    Rows are buffered per chunk until it is full or its input ends; `written` lists the chunks this
+    writer wrote, for check_chunk_owners.
     """
 
-    def __init__(self, path: Path, dtype: str, chunk_frames: int, attributes: dict):
-        self.dtype, self.chunk_frames = dtype, chunk_frames
-        self.group = zarr.open_group(str(path / MAPS_GROUP), mode="w", zarr_format=3)
-        self.group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
-        self.pending: dict[str, list[np.ndarray]] = {}
+    def __init__(self, path: Path, chunk_frames: int):
+        self.group = zarr.open_group(str(path / MAPS_GROUP), mode="r+", zarr_format=3)
+        self.chunk_frames = chunk_frames
+        self.arrays: dict[str, zarr.Array] = {}
+        self.pending: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+        self.written: list[tuple[str, int]] = []
 
-    def add(self, input_id: str, index: int, anomaly_map: np.ndarray, attributes: dict) -> None:
-        """Append the map of frame `index` of input `input_id`."""
-        if input_id not in self.group:
-            self.group.create_array(
-                input_id, shape=(0, *anomaly_map.shape), chunks=(self.chunk_frames, *anomaly_map.shape),
-                dtype=self.dtype, fill_value=0, attributes=attributes,
-            )
-            self.pending[input_id] = []
-        written = self.group[input_id].shape[0] + len(self.pending[input_id])
-        if index != written:
-            raise StoreError(f"frame {index} of {input_id} arrived after frame {written - 1}; maps must be written in order")
-        self.pending[input_id].append(anomaly_map)
-        if len(self.pending[input_id]) == self.chunk_frames:
-            self._flush(input_id)
+    def add(self, input_id: str, index: int, anomaly_map: np.ndarray, last: bool) -> None:
+        """Buffer the map of frame `index` of `input_id`; `last` marks the input's last frame."""
+        if input_id not in self.arrays:
+            self.arrays[input_id] = self.group[input_id]
+        if index >= self.arrays[input_id].shape[0]:
+            source = self.arrays[input_id].attrs["source"]
+            raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
+                             f"{self.arrays[input_id].shape[0]}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
+        key = (input_id, index // self.chunk_frames)
+        rows = self.pending.setdefault(key, {})
+        rows[index] = anomaly_map
+        if len(rows) == self.chunk_frames or last:
+            self._write(key)
 
-    def _flush(self, input_id: str) -> None:
-        if self.pending[input_id]:
-            self.group[input_id].append(np.stack(self.pending[input_id]).astype(self.dtype), axis=0)
-            self.pending[input_id] = []
+    def _write(self, key: tuple[str, int]) -> None:
+        rows = self.pending.pop(key)
+        indices = sorted(rows)
+        runs = np.split(np.array(indices), np.flatnonzero(np.diff(indices) != 1) + 1)  # contiguous frame runs
+        array = self.arrays[key[0]]
+        for run in runs:
+            array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run]).astype(array.dtype)
+        self.written.append(key)
 
-    def close(self) -> dict[str, int]:
-        """Write what is pending; returns the frame count of each input."""
-        for input_id in self.pending:
-            self._flush(input_id)
-        return {input_id: self.group[input_id].shape[0] for input_id in self.pending}
+    def close(self) -> None:
+        """Write chunks still buffered (only a block split between writers leaves any)."""
+        for key in list(self.pending):
+            self._write(key)
+
+
+def check_chunk_owners(written: list[list[tuple[str, int]]]) -> None:
+    """Raise if two writers wrote the same chunk (their read-modify-writes may have lost frames)."""
+    owners = Counter(key for keys in written for key in set(keys))
+    shared = sorted(key for key, count in owners.items() if count > 1)
+    if shared:
+        raise StoreError(f"map chunks {shared[:5]} were written by more than one actor; maps may be incomplete, rescore")
+
+
+def trim_map_arrays(path: Path, frames: dict[str, int]) -> None:
+    """Cut each input's map array to the frames actually decoded (headers may over-report)."""
+    group = zarr.open_group(str(path / MAPS_GROUP), mode="r+", zarr_format=3)
+    for input_id, count in frames.items():
+        array = group[input_id]
+        if array.shape[0] != count:
+            array.resize((count, *array.shape[1:]))
 
 
 def write_scores(path: Path, table: dict[str, list]) -> None:

@@ -4,6 +4,9 @@ Inputs are cut into work units with stable ids (one video, or a range of one fol
 decode task reads one unit sequentially (decord's random access is unreliable on AVI) and marks the
 unit's last row with the number of frames it produced, so consumers can prove every frame was used
 exactly once.
+
+Frames are resized while decoding (decord scales inside ffmpeg; Pillow for image files), so only
+small uint8 frames travel, and decode workers never import torch.
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from padim_ray.embedding import resize_frames
 from padim_ray.errors import PadimError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class WorkUnit:
     path: str  # a video file, or a folder of frames
     start: int = 0  # first frame file (folders only)
     stop: int | None = None  # one past the last frame file (folders only)
+    frames: int = 0  # frames the header declares (videos) or frame files (folders); exact count comes from decoding
+    height: int = 0  # native frame size
+    width: int = 0
 
     @property
     def is_video(self) -> bool:
@@ -77,12 +81,13 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def open_video(path: str | Path):
-    """A decord VideoReader for `path`, or a VideoError naming the file."""
+def open_video(path: str | Path, size: int | None = None):
+    """A decord VideoReader for `path` (decoding to size x size if given), or a VideoError naming the file."""
     import decord
 
+    scale = {"width": size, "height": size} if size else {}
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **scale)
     except Exception as err:
         raise VideoError(f"cannot open video {path} ({_first_line(err)}); is it a complete, readable video file?") from None
 
@@ -102,28 +107,35 @@ def declared_frames(path: str | Path) -> int:
         return 0
 
 
-def make_units(inputs: list[Path]) -> tuple[list[WorkUnit], int]:
-    """Cut inputs into work units and estimate their total frames (from headers, for progress only)."""
+def make_units(inputs: list[Path], folder_unit_frames: int = FRAMES_PER_FOLDER_UNIT) -> tuple[list[WorkUnit], int]:
+    """Cut inputs into work units and estimate their total frames (from headers, for progress only).
+
+    Folders are cut every `folder_unit_frames` files (callers that write chunked output pass a
+    multiple of their chunk length, so units start on chunk boundaries).
+    """
     units: list[WorkUnit] = []
-    estimate = 0
     for path in inputs:
         if path.is_dir():
             files = frame_files(path)
-            read_frame(files[0])  # validates the format now, before any cluster work
-            count = len(files)
-            for start in range(0, count, FRAMES_PER_FOLDER_UNIT):
-                units.append(WorkUnit(len(units), str(path), start, min(start + FRAMES_PER_FOLDER_UNIT, count)))
-            estimate += count
+            height, width = read_frame(files[0]).shape[:2]  # validates the format now, before any cluster work
+            for start in range(0, len(files), folder_unit_frames):
+                stop = min(start + folder_unit_frames, len(files))
+                units.append(WorkUnit(len(units), str(path), start, stop, stop - start, height, width))
         else:
-            estimate += len(open_video(path))  # validates the header now, before any cluster work
-            units.append(WorkUnit(len(units), str(path)))
-    return units, estimate
+            reader = open_video(path)  # validates the header now, before any cluster work
+            height, width = reader[0].shape[:2] if len(reader) else (0, 0)
+            units.append(WorkUnit(len(units), str(path), frames=len(reader), height=height, width=width))
+            del reader
+    return units, sum(u.frames for u in units)
 
 
-def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode a unit's (frame index, (H, W, 3) uint8 RGB frame) in order, keeping every `stride`-th."""
+def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a unit's (frame index, (H, W, 3) uint8 RGB frame) in order, keeping every `stride`-th.
+
+    With `size`, frames come resized to (size, size) (aspect not kept, as in the paper).
+    """
     if unit.is_video:
-        reader = open_video(unit.path)
+        reader = open_video(unit.path, size)
         index = 0
         while True:
             try:
@@ -141,11 +153,14 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1) -> Iterator[tuple[int, np.
     else:
         for index, file in enumerate(frame_files(Path(unit.path))[unit.start : unit.stop], start=unit.start):
             if index % stride == 0:
-                yield index, read_frame(file)
+                yield index, read_frame(file, size)
 
 
-def read_frame(file: Path) -> np.ndarray:
-    """One image file as (H, W, 3) uint8 RGB; other channel counts are an error, not converted."""
+def read_frame(file: Path, size: int | None = None) -> np.ndarray:
+    """One image file as (H, W, 3) uint8 RGB, resized to (size, size) if given (antialiased bilinear).
+
+    Other channel counts are an error, not converted.
+    """
     from PIL import Image
 
     try:
@@ -155,7 +170,7 @@ def read_frame(file: Path) -> np.ndarray:
                     f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
                     "convert the frames to RGB"
                 )
-            return np.asarray(image)
+            return np.asarray(image.resize((size, size), Image.BILINEAR) if size else image)
     except OSError as err:
         raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 
@@ -163,9 +178,9 @@ def read_frame(file: Path) -> np.ndarray:
 def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> Iterator[dict]:
     """Ray Data map_batches generator: work units in, blocks of resized frames out.
 
-    Each output row has `frame` (size, size, 3) uint8, `height` and `width` (the input's native
-    size), `unit`, `index` (frame number within the input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
-    frames the unit produced.
+    Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
+    input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
+    frames the unit produced. Blocks start every `rows_per_block` kept frames from the unit's start.
     """
     for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
         unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
@@ -173,19 +188,19 @@ def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> It
         produced = 0
         indices: list[int] = []
         frames: list[np.ndarray] = []
-        for index, frame in iter_unit_frames(unit, stride):
+        for index, frame in iter_unit_frames(unit, stride, size):
             indices.append(index)
             frames.append(frame)
             if len(frames) == rows_per_block:
                 if pending is not None:
                     yield pending
-                pending = _block(unit, indices, frames, size)
+                pending = _block(unit, indices, frames)
                 produced += len(frames)
                 indices, frames = [], []
         if frames:
             if pending is not None:
                 yield pending
-            pending = _block(unit, indices, frames, size)
+            pending = _block(unit, indices, frames)
             produced += len(frames)
         if pending is None:
             raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
@@ -193,16 +208,9 @@ def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> It
         yield pending
 
 
-def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray], size: int) -> dict:
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:
-        raise VideoError(f"frames of {unit.path} differ in size {sorted(shapes)}; all frames of an input must match")
-    resized = resize_frames(torch.from_numpy(np.stack(frames)), size).numpy()  # (n, S, S, 3)
-    height, width = frames[0].shape[:2]
+def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict:
     return {
-        "frame": resized,
-        "height": np.full(len(frames), height, dtype=np.int64),  # native size, for maps at input resolution
-        "width": np.full(len(frames), width, dtype=np.int64),
+        "frame": np.stack(frames),  # (n, S, S, 3) uint8
         "unit": np.full(len(frames), unit.uid, dtype=np.int64),
         "index": np.asarray(indices, dtype=np.int64),
         "unit_total": np.full(len(frames), NOT_LAST, dtype=np.int64),
@@ -210,7 +218,7 @@ def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray], size: i
 
 
 def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block: int):
-    """A Ray Dataset of resized frames: one read task per work unit, decoding on any node's CPUs."""
+    """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs."""
     import ray
 
     items = [{"uid": u.uid, "path": u.path, "start": u.start, "stop": -1 if u.stop is None else u.stop} for u in units]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import ray
@@ -16,9 +18,16 @@ LOCAL_CPUS = 4  # logical CPUs of the test cluster: room for 3 actors of 0.5 CPU
 
 
 def start_local_ray() -> None:
-    """Start (or keep) the session's local Ray instance; tests that need another cluster stop it first."""
+    """Start (or keep) the session's local Ray instance; tests that need another cluster stop it first.
+
+    Its own temp dir keeps it out of /tmp/ray, so `ray.init(address="auto")` elsewhere on the machine
+    (a user's padim-ray, a benchmark) never attaches to it, and the suite never touches theirs.
+    """
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False)
+        ray.init(
+            address="local", num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False,
+            _temp_dir=tempfile.mkdtemp(prefix="padim-ray-tests-"),
+        )
 
 
 @pytest.fixture

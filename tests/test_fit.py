@@ -72,9 +72,9 @@ def test_statistics_do_not_depend_on_the_split(ray_local, actors1, actors3):
 
 
 def _direct_embeddings(videos, model) -> np.ndarray:
-    """Embeddings of every frame, computed in this process without Ray, one frame at a time."""
+    """Embeddings of every frame, decoded as the pipeline does, embedded in this process one frame at a time."""
     embedder = Embedder(model)
-    frames = [frame for i, path in enumerate(videos) for _, frame in iter_unit_frames(WorkUnit(i, str(path)))]
+    frames = [frame for i, path in enumerate(videos) for _, frame in iter_unit_frames(WorkUnit(i, str(path)), size=model.image_size)]
     return torch.cat([embedder(frame[None]) for frame in frames]).numpy()
 
 
@@ -122,4 +122,6 @@ def test_actors_that_would_starve_decoding_are_refused(ray_local):
         plan_actors(ClusterConfig(actors=4, cpus_per_actor=1.0))
     with pytest.raises(ClusterError, match="the cluster has 0 GPUs"):
         plan_actors(ClusterConfig(actors=1, gpus_per_actor=1.0))
-    assert plan_actors(ClusterConfig()).actors == 3  # CPU cluster: all CPUs but one, one each
+    plan = plan_actors(ClusterConfig())  # CPU cluster: one actor per node, torch on all its cores
+    assert [(spec.num_cpus, spec.num_gpus, spec.threads) for spec in plan] == [(3.0, 0.0, 4)]
+    assert plan[0].node_id == ray.get_runtime_context().get_node_id()

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from padim_ray.gaussian import GaussianStats, finalize, mahalanobis, merge_stats
+from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, mahalanobis, merge_stats
 from conftest import reference_gaussians, relative_error
 
 
@@ -18,9 +18,10 @@ def _embeddings(rng, n, d=6, h=3, w=4, loc=0.0, scale=1.0):
 def test_streaming_fit_equals_two_pass_reference(loc):
     rng = np.random.default_rng(0)
     embeddings = _embeddings(rng, 500, loc=loc)
-    stats = GaussianStats.empty(12, 6)
+    accumulator = StatsAccumulator(12, 6)
     for batch in np.array_split(embeddings, [7, 8, 100, 333]):  # uneven batches, one of size 1
-        stats.update(torch.from_numpy(batch))
+        accumulator.update(torch.from_numpy(batch))
+    stats = accumulator.stats()
     gaussians = finalize(stats, eps=0.01)
     mean, covariance = reference_gaussians(embeddings)
     assert stats.count == 500
@@ -33,12 +34,23 @@ def test_streaming_fit_equals_two_pass_reference(loc):
 def test_float32_embeddings_are_accumulated_in_float64():
     rng = np.random.default_rng(1)
     embeddings = _embeddings(rng, 300, loc=1e4).astype(np.float32)
-    stats = GaussianStats.empty(12, 6)
+    accumulator = StatsAccumulator(12, 6)
     for batch in np.array_split(embeddings, 9):
-        stats.update(torch.from_numpy(batch))
+        accumulator.update(torch.from_numpy(batch))
+    stats = accumulator.stats()
     mean, covariance = reference_gaussians(embeddings)  # same float32 values, widened
     assert relative_error(finalize(stats, 0.01).covariance.numpy(), covariance) <= 1e-9
     assert relative_error(stats.mean.numpy(), mean) <= 1e-12
+
+
+def test_shard_statistics_equal_the_whole():
+    rng = np.random.default_rng(2)
+    accumulator = StatsAccumulator(12, 6).update(torch.from_numpy(_embeddings(rng, 40, loc=3.0)))
+    whole = accumulator.stats()
+    part = accumulator.stats(5, 9)
+    assert part.count == 40 and part.positions == 4
+    np.testing.assert_array_equal(part.mean.numpy(), whole.mean[5:9].numpy())
+    np.testing.assert_array_equal(part.m2.numpy(), whole.m2[5:9].numpy())
 
 
 def _stats_of(seed: int, n: int, loc: float) -> GaussianStats:
