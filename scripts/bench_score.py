@@ -1,0 +1,28 @@
+"""Scoring throughput and memory against the bare backbone, measured in one run (issue 6).
+
+A model (R18-Rd100 at 256x256, random init: offline) is fitted once on the smaller video, untimed.
+Then, at two frame counts of 768x576 video: decode-only and the bare backbone on the whole machine
+(scripts/benchlib.py), and the command end to end, `padim-ray score MODEL VIDEO --out OUT` (maps at
+native 768x576, the default), start to exit.
+
+    python scripts/bench_score.py [--frames 128 512] [--json runs/bench_score.json]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench_fit import fit_command
+from benchlib import against_bare, measure, padim_ray
+
+
+def fit_once(videos: dict[int, Path], tmp: Path) -> None:
+    measure(fit_command(videos[min(videos)], tmp / "model"))
+
+
+def score_command(n: int, video: Path, tmp: Path) -> list[str]:
+    return padim_ray("score", tmp / "model", video, "--out", tmp / f"maps{n}")
+
+
+if __name__ == "__main__":
+    against_bare(__doc__, "score", score_command, prepare=fit_once)
