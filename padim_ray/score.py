@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -41,16 +42,29 @@ def anomaly_maps(
     """Upsample (B, h, w) distances bilinearly (align_corners=False) to `blur_size`, blur separably,
     then resize bilinearly to `size` (when `blur_size` is None or equal, maps are blurred at `size`)."""
     blur_size = blur_size or size
-    radius = len(kernel) // 2
-    if radius >= min(blur_size):
-        raise PadimError(f"a blur of radius {radius} px needs maps larger than {blur_size}; use a larger --image-size")
-    x = F.interpolate(distances.unsqueeze(1), size=blur_size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
-    taps = kernel.to(x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1))  # along H
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))  # along W
-    if tuple(blur_size) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x.squeeze(1)  # (B, H, W)
+    taps = tuple(kernel.tolist())
+    rows = axis_operator(distances.shape[1], blur_size[0], size[0], taps).to(distances.device, distances.dtype)
+    columns = axis_operator(distances.shape[2], blur_size[1], size[1], taps).to(distances.device, distances.dtype)
+    return rows @ distances @ columns.T  # (H, h) @ (B, h, w) @ (w, W) -> (B, H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def axis_operator(length: int, blur_length: int, out_length: int, taps: tuple[float, ...]) -> torch.Tensor:
+    """The (out_length, length) matrix of upsample -> blur (reflect padding) -> resize along one axis.
+
+    Every step is linear and acts on each axis alone, so a whole map is two small matmuls with these
+    matrices, instead of interpolating, padding and convolving full-size images (180 -> ~30 ms per
+    32 maps at 768x576 here). Built by pushing unit impulses through the steps in float64.
+    """
+    radius = len(taps) // 2
+    if radius >= blur_length:
+        raise PadimError(f"a blur of radius {radius} px needs maps larger than {blur_length} px; use a larger --image-size")
+    x = torch.eye(length, dtype=torch.float64).unsqueeze(1)  # (length impulses, 1, length)
+    x = F.interpolate(x, size=blur_length, mode="linear", align_corners=False)
+    x = F.conv1d(F.pad(x, (radius, radius), mode="reflect"), torch.tensor(taps, dtype=torch.float64).view(1, 1, -1))
+    if blur_length != out_length:
+        x = F.interpolate(x, size=out_length, mode="linear", align_corners=False)
+    return x.squeeze(1).T.float()  # (out_length, length)
 
 
 class Scorer:
@@ -92,6 +106,7 @@ class ScoreActor(SplitConsumer):
         self.scorer = Scorer(model_path, score, device)
         self.writer = MapChunkWriter(Path(staging), score.chunk_frames)
         self.targets = targets
+        self.map_dtype = getattr(torch, score.map_dtype)  # cast on the device: 10x cheaper than numpy's astype
         self.rows: dict[str, list[np.ndarray]] = {column: [] for column in ("unit", "index", "score", "max_y", "max_x")}
 
     def process(self, batch: dict) -> None:
@@ -105,7 +120,7 @@ class ScoreActor(SplitConsumer):
             self.rows["max_x"].append((peaks % size[1]).cpu().numpy())
             for column in ("unit", "index"):
                 self.rows[column].append(batch[column][rows])
-            for row, anomaly_map in zip(rows, maps.cpu().numpy()):
+            for row, anomaly_map in zip(rows, maps.to(self.map_dtype).cpu().numpy()):
                 target = self.targets[int(batch["unit"][row])]
                 self.writer.add(target.input_id, int(batch["index"][row]), anomaly_map, batch["unit_total"][row] != NOT_LAST)
 

@@ -30,6 +30,9 @@ from padim_ray.errors import PadimError
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
+# maps: 3x faster to write than zarr's default zstd (63 vs 184 ms per 32 frames of 768x576 float16
+# here), 2.0x smaller instead of 2.3x; scoring writes every frame, so speed wins
+MAP_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
 
 
@@ -157,7 +160,8 @@ def create_map_store(path: Path, dtype: str, chunk_frames: int, arrays: dict[str
     group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
     for input_id, (shape, array_attributes) in arrays.items():
         group.create_array(
-            input_id, shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0, attributes=array_attributes
+            input_id, shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
+            compressors=[MAP_COMPRESSOR], attributes=array_attributes,
         )
 
 
@@ -177,9 +181,9 @@ class MapChunkWriter:
         self.written: list[tuple[str, int]] = []
 
     def add(self, input_id: str, index: int, anomaly_map: np.ndarray, last: bool) -> None:
-        """Buffer the map of frame `index` of `input_id`; `last` marks the input's last frame."""
-        if input_id not in self.arrays:
-            self.arrays[input_id] = self.group[input_id]
+        """Buffer the map (in the store's dtype) of frame `index` of `input_id`; `last` marks the input's last frame."""
+        if input_id not in self.arrays:  # every chunk gets written: skip zarr's all-fill-value scan (~15 ms each)
+            self.arrays[input_id] = self.group[input_id].with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
             source = self.arrays[input_id].attrs["source"]
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
@@ -196,7 +200,7 @@ class MapChunkWriter:
         runs = np.split(np.array(indices), np.flatnonzero(np.diff(indices) != 1) + 1)  # contiguous frame runs
         array = self.arrays[key[0]]
         for run in runs:
-            array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run]).astype(array.dtype)
+            array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run])
         self.written.append(key)
 
     def close(self) -> None:
