@@ -92,6 +92,8 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int((cpus - 1) // cpus_per_actor))
+    if actors < 1:
+        raise ClusterError(f"--actors must be at least 1, got {actors}")
     if actors * gpus_per_actor > gpus:
         raise ClusterError(
             f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs; "
