@@ -47,7 +47,7 @@ class StatsActor(SplitConsumer):
         return self.accumulator.count  # what the statistics hold, checked against the decoder
 
     def shards(self, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
-        parts = [self.accumulator.stats(start, stop) for start, stop in bounds]
+        parts = [self.accumulator.stats(start, stop, in_place=True) for start, stop in bounds]  # called once, at the end
         return parts if len(parts) > 1 else parts[0]  # Ray stores a single return value as is
 
 

@@ -8,8 +8,10 @@ formula, so a fit over any split of the frames equals a two-pass float64 computa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -36,6 +38,11 @@ class GaussianStats:
         accumulator = StatsAccumulator(embeddings[0, 0].numel(), embeddings.shape[1], embeddings.device)
         return accumulator.update(embeddings).stats()
 
+    def __reduce__(self):
+        # as numpy arrays, which Ray stores out of band: one copy of exactly these bytes into the object
+        # store (torch would pickle a view's whole storage: every shard of an accumulator would carry all of it)
+        return _stats_from_numpy, (self.count, self.mean.cpu().numpy(), self.m2.cpu().numpy())
+
     @property
     def positions(self) -> int:
         return self.mean.shape[0]
@@ -43,6 +50,12 @@ class GaussianStats:
     @property
     def dims(self) -> int:
         return self.mean.shape[1]
+
+
+def _stats_from_numpy(count: int, mean: np.ndarray, m2: np.ndarray) -> GaussianStats:
+    with warnings.catch_warnings():  # arrays read from Ray's object store are read-only; merges never write them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return GaussianStats(count, torch.from_numpy(mean), torch.from_numpy(m2))
 
 
 class StatsAccumulator:
@@ -83,13 +96,17 @@ class StatsAccumulator:
         self.count += batch
         return self
 
-    def stats(self, start: int = 0, stop: int | None = None) -> GaussianStats:
-        """The statistics of positions [start, stop), as new contiguous CPU tensors."""
+    def stats(self, start: int = 0, stop: int | None = None, in_place: bool = False) -> GaussianStats:
+        """The statistics of positions [start, stop), as contiguous CPU tensors.
+
+        With `in_place`, M2 is computed over the sums' own memory and returned as a view (on CPU), so
+        a finished accumulator is not copied (WR50-Rd550: 10 GB); those positions of the accumulator
+        are spent: take each range once, and update no more.
+        """
         total = self.sum[start:stop]  # (p, d)
         mean = self.shift[start:stop, 0] + total / max(self.count, 1)
-        m2 = torch.baddbmm(
-            self.sum_outer[start:stop], total.unsqueeze(2), total.unsqueeze(1), alpha=-1 / max(self.count, 1)
-        )  # S2 - S1 S1^T / n, (p, d, d)
+        outer = self.sum_outer[start:stop] if in_place else self.sum_outer[start:stop].clone()
+        m2 = outer.baddbmm_(total.unsqueeze(2), total.unsqueeze(1), alpha=-1 / max(self.count, 1))  # S2 - S1 S1^T / n
         return GaussianStats(count=self.count, mean=mean.cpu().contiguous(), m2=m2.cpu().contiguous())
 
 

@@ -1,5 +1,7 @@
 """Statistics: exactness against a numpy float64 two-pass reference, merge algebra, Mahalanobis."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,13 @@ def test_shard_statistics_equal_the_whole():
     assert part.count == 40 and part.positions == 4
     np.testing.assert_array_equal(part.mean.numpy(), whole.mean[5:9].numpy())
     np.testing.assert_array_equal(part.m2.numpy(), whole.m2[5:9].numpy())
+    spent = [accumulator.stats(0, 5, in_place=True), accumulator.stats(5, 12, in_place=True)]  # no copy of the sums
+    assert np.shares_memory(spent[1].m2.numpy(), accumulator.sum_outer.numpy())
+    np.testing.assert_array_equal(np.concatenate([s.m2.numpy() for s in spent]), whole.m2.numpy())
+    np.testing.assert_array_equal(np.concatenate([s.mean.numpy() for s in spent]), whole.mean.numpy())
+    restored = pickle.loads(pickle.dumps(spent[0], protocol=5))  # as Ray stores it: numpy, only the shard's bytes
+    np.testing.assert_array_equal(restored.m2.numpy(), whole.m2[:5].numpy())
+    assert len(pickle.dumps(spent[0], protocol=5)) < accumulator.sum_outer.numpy().nbytes
 
 
 def _stats_of(seed: int, n: int, loc: float) -> GaussianStats:
