@@ -32,8 +32,9 @@ class ClusterConfig:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float | None = None  # None: a whole node less its decode share (CPU), cpus_per_gpu_actor (GPU)
     cpus_per_gpu_actor: float = 1.0  # a GPU actor only feeds its GPU; the node's other CPUs decode
-    decode_share: float = 1 / 16  # of a CPU node's CPUs (at least 1) left to decode tasks: decoding at 256x256
-    #                               costs ~4% of an R18 forward pass per frame (scripts/bench_fit.py)
+    decode_share: float = 1 / 16  # of a CPU node's CPUs (at least 1) left to decode tasks: decoding to 256x256
+    #                               costs ~6% of an R18 forward pass per frame (scripts/bench_fit.py: 460-530
+    #                               vs ~30 frames/s on 2 cores)
     batch_size: int = 32  # frames per forward pass
     fan_in: int = 4  # partials merged per reduction task
     shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store

@@ -151,15 +151,17 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
         if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
             raise VideoError(f"video {unit.path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
     else:
-        for index, file in enumerate(frame_files(Path(unit.path))[unit.start : unit.stop], start=unit.start):
+        files = frame_files(Path(unit.path))
+        native = frame_size(files[0])  # every frame of an input must match its first
+        for index, file in enumerate(files[unit.start : unit.stop], start=unit.start):
             if index % stride == 0:
-                yield index, read_frame(file, size)
+                yield index, read_frame(file, size, native)
 
 
-def read_frame(file: Path, size: int | None = None) -> np.ndarray:
+def read_frame(file: Path, size: int | None = None, native: tuple[int, int] | None = None) -> np.ndarray:
     """One image file as (H, W, 3) uint8 RGB, resized to (size, size) if given (antialiased bilinear).
 
-    Other channel counts are an error, not converted.
+    Other channel counts are an error, not converted; so is a native size other than `native` (H, W).
     """
     from PIL import Image
 
@@ -170,7 +172,23 @@ def read_frame(file: Path, size: int | None = None) -> np.ndarray:
                     f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
                     "convert the frames to RGB"
                 )
+            if native and (image.height, image.width) != tuple(native):
+                raise VideoError(
+                    f"frame {file} is {image.width}x{image.height}, the first frame of its folder is "
+                    f"{native[1]}x{native[0]}; all frames of an input must match"
+                )
             return np.asarray(image.resize((size, size), Image.BILINEAR) if size else image)
+    except OSError as err:
+        raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
+
+
+def frame_size(file: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            return image.height, image.width
     except OSError as err:
         raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 

@@ -52,3 +52,15 @@ def test_bad_inputs_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoError, match=f"folder {tmp_path / 'empty'} holds neither frames nor videos"):
         expand_inputs([tmp_path / "empty"])
+
+
+def test_frames_of_one_folder_must_share_a_size(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(folder / "0.png")
+    Image.fromarray(np.zeros((24, 30, 3), dtype=np.uint8)).save(folder / "1.png")
+    units, _ = make_units([folder])
+    with pytest.raises(VideoError, match=r"1.png is 30x24, the first frame of its folder is 30x20"):
+        list(iter_unit_frames(units[0], size=16))
