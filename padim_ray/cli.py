@@ -29,6 +29,9 @@ Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else o
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
 CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
+CheckpointDir = Annotated[Optional[Path], typer.Option(help="Where progress is checkpointed (default: .OUT.checkpoint next to the output).")]
+CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
+MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
 
 
 class Source(str, Enum):
@@ -37,19 +40,48 @@ class Source(str, Enum):
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages, show Ray workers' output and tracebacks.")] = False) -> None:
+    from padim_ray.runtime import show_worker_logs
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    show_worker_logs(verbose)
+    if not verbose:
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # failures are reported once, below
 
 
 @contextmanager
 def _one_line_errors():
-    """Turn a PadimError into one line on stderr and exit code 1."""
+    """Turn any failure into one line on stderr and exit code 1 (130 when interrupted).
+
+    A PadimError is the whole message; anything else (a lost actor or node, a bug) is summarised in a
+    line and its traceback written to a log file, or shown with --verbose.
+    """
     try:
         yield
     except PadimError as error:
         # Ray Data appends retry advice to errors raised in its tasks; our message is the first line
         typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        raise typer.Exit(code=130) from None
+    except Exception as error:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        log_file = _write_traceback(error)
+        lines = str(error).strip().splitlines()
+        typer.echo(f"error: {type(error).__name__}: {lines[0][:300] if lines else ''} (traceback in {log_file}; --verbose shows it)", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _write_traceback(error: BaseException) -> Path:
+    import tempfile
+    import time
+    import traceback
+
+    log_file = Path(tempfile.gettempdir()) / f"padim-ray-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_file.write_text("".join(traceback.format_exception(error)))
+    return log_file
 
 
 @app.command()
@@ -71,15 +103,24 @@ def fit(
     gpus_per_actor: GpusPerActor = None,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
+    checkpoint_dir: CheckpointDir = None,
+    checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
+    max_retries: MaxRetries = ClusterConfig.max_retries,
     address: Address = None,
 ) -> None:
-    """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs."""
+    """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs.
+
+    Rerunning an interrupted fit resumes it from its checkpoints.
+    """
     from padim_ray.fit import fit_model
     from padim_ray.stc import scene_videos
 
-    model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
-    cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in)
     with _one_line_errors():
+        model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
+        cluster = ClusterConfig(
+            actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
+            checkpoint_every=checkpoint_every, max_retries=max_retries,
+        )
         if source is Source.stc:
             if not scene or paths:
                 raise PadimError("fit stc takes --scene (e.g. --scene 01) and no PATHS")
@@ -91,8 +132,13 @@ def fit(
             if not paths or out is None:
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
             inputs = paths
-        result = fit_model(inputs, out, model, cluster, overwrite=overwrite, address=address)
-    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s)")
+        result = fit_model(inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir)
+    _echo_fit(result)
+
+
+def _echo_fit(result) -> None:
+    recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
+    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered})")
 
 
 @app.command()
@@ -113,12 +159,8 @@ def score(
     """Score videos into anomaly-map sequences and per-frame scores."""
     from padim_ray.score import score_inputs
 
-    cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
     with _one_line_errors():
-        if map_dtype not in ("float16", "float32"):
-            raise PadimError(f"--map-dtype must be float16 or float32, got {map_dtype}")
-        if blur_at not in ("model", "map"):
-            raise PadimError(f"--blur-at must be model or map, got {blur_at}")
+        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from padim_ray.errors import PadimError
+
 FORMAT_VERSION = 1  # model store layout; bump when store.py changes what it writes
 MAPS_FORMAT_VERSION = 1  # anomaly-map store layout
+
+
+class ConfigError(PadimError):
+    """An option out of its range."""
+
+
+def _require(config, rules: dict[str, tuple]) -> None:
+    """Raise ConfigError for the first field whose value fails its (test, wording) rule; None passes."""
+    for name, (test, wording) in rules.items():
+        value = getattr(config, name)
+        if value is not None and not test(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {wording}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -19,6 +33,15 @@ class ModelConfig:
     seed: int = 1024  # seeds the random channel subset ("Rd") and random-init weights
     eps: float = 0.01  # regulariser added to each covariance, eq. (1)
     frame_stride: int = 1  # use every n-th frame of each video (1 = all frames)
+
+    def __post_init__(self):
+        _require(self, {
+            "dims": (lambda v: v >= 1, "at least 1 (or left out for the backbone's default)"),
+            "image_size": (lambda v: v >= 32 and v % 16 == 0, "a multiple of 16 of at least 32 (stage 3 has stride 16)"),
+            "seed": (lambda v: v >= 0, "at least 0"),
+            "eps": (lambda v: v > 0, "positive"),
+            "frame_stride": (lambda v: v >= 1, "at least 1"),
+        })
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +62,22 @@ class ClusterConfig:
     fan_in: int = 4  # partials merged per reduction task
     shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store
     decode_batch: int = 16  # frames per block emitted by a decode task
+    checkpoint_every: float = 300.0  # seconds between checkpoints of each stats actor: an R18-Rd100 save
+    #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
+    max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
+
+    def __post_init__(self):
+        _require(self, {
+            "actors": (lambda v: v >= 1, "at least 1"),
+            "gpus_per_actor": (lambda v: v >= 0, "at least 0"),
+            "cpus_per_actor": (lambda v: v > 0, "positive"),
+            "batch_size": (lambda v: v >= 1, "at least 1"),
+            "fan_in": (lambda v: v >= 2, "at least 2"),
+            "shard_bytes": (lambda v: v >= 1, "at least 1"),
+            "decode_batch": (lambda v: v >= 1, "at least 1"),
+            "checkpoint_every": (lambda v: v >= 0, "at least 0 seconds"),
+            "max_retries": (lambda v: v >= 0, "at least 0"),
+        })
 
 
 @dataclass(frozen=True)
@@ -52,3 +91,11 @@ class ScoreConfig:
     #                         sigma-4 blur at 856x480 is a third as wide relative to the frame, on 6x the pixels)
     map_dtype: str = "float16"  # half the disk of float32; distances stay within 1e-3 relative
     chunk_frames: int = 16  # frames per zarr chunk of a map sequence
+
+    def __post_init__(self):
+        _require(self, {
+            "blur_sigma": (lambda v: v > 0, "positive"),
+            "blur_at": (lambda v: v in ("model", "map"), "model or map"),
+            "map_dtype": (lambda v: v in ("float16", "float32"), "float16 or float32"),
+            "chunk_frames": (lambda v: v >= 1, "at least 1"),
+        })

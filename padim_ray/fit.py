@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -20,7 +21,11 @@ from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
-from padim_ray.runtime import SplitConsumer, connect, describe_plan, plan_actors, stream_to_actors, user_errors
+from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, read_accounting, save_checkpoint
+from padim_ray.config import FORMAT_VERSION
+from padim_ray.runtime import (
+    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
+)
 from padim_ray.store import create_model_store, publish, set_model_attributes, staged_output, write_shard
 from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
 
@@ -32,16 +37,29 @@ EmbedderFactory = Callable[[torch.device], Callable[[np.ndarray], torch.Tensor]]
 
 @ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
 class StatsActor(SplitConsumer):
-    """Embeds its split of the frame stream and accumulates per-position statistics locally."""
+    """Embeds its splits of the frame stream and accumulates per-position statistics locally.
 
-    def __init__(self, make_embedder: EmbedderFactory, positions: int, dims: int, threads: int):
+    With a checkpoint file, it saves its accumulator and the frames it holds there every
+    `checkpoint_every` seconds, so that losing it loses at most that much work.
+    """
+
+    def __init__(self, make_embedder: EmbedderFactory, positions: int, dims: int, threads: int,
+                 checkpoint_file: str | None = None, checkpoint_every: float = 0.0):
+        super().__init__()
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.embed = make_embedder(device)
         self.accumulator = StatsAccumulator(positions, dims, device)
+        self.checkpoint_file, self.checkpoint_every = checkpoint_file, checkpoint_every
+        self.saved_at = time.monotonic()
 
     def process(self, batch: dict) -> None:
         self.accumulator.update(self.embed(batch["frame"]))
+
+    def batch_done(self) -> None:
+        if self.checkpoint_file and time.monotonic() - self.saved_at >= self.checkpoint_every:
+            save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
+            self.saved_at = time.monotonic()
 
     def result(self) -> int:
         return self.accumulator.count  # what the statistics hold, checked against the decoder
@@ -49,6 +67,10 @@ class StatsActor(SplitConsumer):
     def shards(self, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
         parts = [self.accumulator.stats(start, stop, in_place=True) for start, stop in bounds]  # called once, at the end
         return parts if len(parts) > 1 else parts[0]  # Ray stores a single return value as is
+
+
+class FitLostError(PadimError):
+    """More stats actors were lost than --max-retries allows."""
 
 
 def shard_bounds(positions: int, dims: int, shard_bytes: int) -> list[tuple[int, int]]:
@@ -67,43 +89,133 @@ def merge_partials(*partials: GaussianStats) -> GaussianStats:
 
 def reduce_tree(refs: list, fan_in: int):
     """Merge partials of one shard in a tree of Ray tasks; returns the root's ObjectRef."""
-    if fan_in < 2:
-        raise PadimError(f"--fan-in must be at least 2, got {fan_in}")
     while len(refs) > 1:
         refs = [merge_partials.remote(*refs[i : i + fan_in]) for i in range(0, len(refs), fan_in)]
     return refs[0]
 
 
+@dataclass
+class Partial:
+    """Statistics held outside the live actors (a lost actor's or an earlier run's checkpoint, a stored
+    model): one ObjectRef of GaussianStats per position shard, the frames they hold and their count."""
+
+    shards: list
+    accounting: Accounting
+    count: int
+
+    @classmethod
+    def from_checkpoint(cls, file: Path, bounds: list[tuple[int, int]]) -> Partial:
+        accounting = read_accounting(file)
+        refs = checkpoint_shards.options(num_returns=len(bounds)).remote(str(file), bounds)
+        return cls(refs if isinstance(refs, list) else [refs], accounting, accounting.count)
+
+
+@dataclass
+class Accumulated:
+    """What `accumulate` returns: one reduced ObjectRef per position shard, the shard bounds, the
+    accounting of every frame in them, their count and the number of stats actors lost."""
+
+    roots: list
+    bounds: list[tuple[int, int]]
+    accounting: Accounting
+    count: int
+    lost_actors: int = 0
+
+
 def accumulate(
-    dataset,
+    frames_for: Callable[[dict[int, np.ndarray]], object],
+    units: list[WorkUnit],
     make_embedder: EmbedderFactory,
     positions: int,
     dims: int,
     cluster: ClusterConfig,
+    checkpoints: Checkpoints | None = None,
+    held: list[Partial] = (),
     expected_frames: int | None = None,
-) -> tuple[list, list[tuple[int, int]], Accounting]:
-    """Stream `dataset` (columns frame, unit, unit_total) through stats actors.
+) -> Accumulated:
+    """Fold every frame of `units` into per-position statistics with stats actors, exactly once.
 
-    Returns:
-        One reduced ObjectRef of GaussianStats per position shard, the shard bounds, and the
-        merged accounting. Only the caller owns the refs; the driver never fetches them.
+    `frames_for(todo)` gives the Ray Dataset of the units in `todo` (unit id -> frame indices to
+    leave out, empty for a whole unit), shaped like the decoder's output. Statistics already `held`
+    and the files in `checkpoints` (an earlier run's) are merged in and their frames not redone.
+    When actors are lost, the frames they held since their last checkpoint are redone on the others
+    (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors.
+    Only the caller owns the returned refs; the driver never fetches statistics.
     """
-    plan = plan_actors(cluster)
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
-    actors = [StatsActor.options(**spec.options()).remote(make_embedder, positions, dims, spec.threads) for spec in plan]
-    log.info("fit: %d actors (%s), %d position shards", len(plan), describe_plan(plan), len(bounds))
+    partials = list(held) + [Partial.from_checkpoint(file, bounds) for file in (checkpoints.files() if checkpoints else [])]
+    done = functools.reduce(Accounting.merge, [p.accounting for p in partials], Accounting())
+    if done.count:
+        log.info("fit: resuming with %d frames already held (%s)", done.count, checkpoints.path if checkpoints else "model")
+    actors, files, outcomes, dead = [], [], [], []
+    lost = 0
+    progress = Progress(expected_frames, "fit")
+    progress.held = sum(p.count for p in partials)
     try:
-        accounting, counts = stream_to_actors(dataset, actors, cluster.batch_size, expected_frames, "fit")
-        if sum(counts) != accounting.count:
-            raise FrameAccountingError(f"statistics hold {sum(counts)} frames, the actors counted {accounting.count}")
+        while True:
+            todo = done.merge(_merged(outcomes)).unfinished(units)
+            if not todo or (outcomes and not dead):
+                break  # done; or a pass lost no actor yet left frames out, which the accounting check names
+            if not actors:
+                actors, files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
+            outcomes = stream_to_actors(frames_for(todo), actors, cluster.batch_size, progress)
+            raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
+            dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
+            if not dead:
+                continue
+            lost += len(dead)
+            cause = _first_line(outcomes[dead[0]])
+            log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
+            for i in dead:
+                if Path(files[i]).is_file():
+                    partials.append(Partial.from_checkpoint(Path(files[i]), bounds))
+                    done = done.merge(partials[-1].accounting)
+                    progress.held += partials[-1].count
+            if lost > cluster.max_retries:
+                where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
+                raise FitLostError(f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {where}")
+            actors, files, outcomes = ([x for i, x in enumerate(seq) if i not in dead] for seq in (actors, files, outcomes))
+        accounting = done.merge(_merged(outcomes))
+        count = sum(p.count for p in partials) + sum(o[1] for o in outcomes)
+        if count != accounting.count + sum(p.count - p.accounting.count for p in partials):
+            raise FrameAccountingError(f"statistics hold {count} frames, the actors counted {accounting.count}")
         per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in actors]
-        per_actor = [refs if isinstance(refs, list) else [refs] for refs in per_actor]
-        ray.wait([ref for refs in per_actor for ref in refs], num_returns=len(bounds) * len(actors), fetch_local=False)
+        shard_refs = [refs if isinstance(refs, list) else [refs] for refs in per_actor] + [p.shards for p in partials]
+        ray.wait([ref for refs in shard_refs for ref in refs], num_returns=sum(map(len, shard_refs)), fetch_local=False)
     finally:
+        progress.close()
         for actor in actors:  # the shards live on in the object store, owned by this driver
             ray.kill(actor)
-    roots = [reduce_tree([refs[s] for refs in per_actor], cluster.fan_in) for s in range(len(bounds))]
-    return roots, bounds, accounting
+    roots = [reduce_tree([refs[s] for refs in shard_refs], cluster.fan_in) for s in range(len(bounds))]
+    return Accumulated(roots, bounds, accounting, count, lost)
+
+
+def actor_name(checkpoint_file: str | None) -> str | None:
+    """A stats actor's Ray name, from its checkpoint file (e.g. for `ray.get_actor` while debugging)."""
+    return f"padim-ray-stats-{Path(checkpoint_file).stem}" if checkpoint_file else None
+
+
+def _merged(outcomes: list) -> Accounting:
+    return functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes], Accounting())
+
+
+def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConfig, checkpoints: Checkpoints | None):
+    """Stats actors for the cluster as it is now, each with its own checkpoint file."""
+    plan = plan_actors(cluster)
+    files = [checkpoints.new_file() if checkpoints else None for _ in plan]
+    actors = [
+        StatsActor.options(**spec.options(), name=actor_name(file)).remote(
+            make_embedder, positions, dims, spec.threads, file, cluster.checkpoint_every
+        )
+        for spec, file in zip(plan, files)
+    ]
+    log.info("fit: %d actors (%s)", len(plan), describe_plan(plan))
+    return actors, files
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 @ray.remote
@@ -125,6 +237,7 @@ class FitResult:
     out: Path
     frames: int
     seconds: float
+    lost_actors: int = 0
 
 
 def fit_model(
@@ -134,32 +247,68 @@ def fit_model(
     cluster: ClusterConfig = ClusterConfig(),
     overwrite: bool = False,
     address: str | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> FitResult:
-    """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`."""
+    """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`.
+
+    Progress is checkpointed in `checkpoint_dir` (default: next to `out`); rerunning the same fit
+    after a crash resumes from there, and a finished fit removes it.
+    """
     started = time.monotonic()
     out = Path(out)
-    if model.frame_stride < 1:
-        raise PadimError(f"--frame-stride must be at least 1, got {model.frame_stride}")
     units, estimate = make_units(expand_inputs(list(inputs)))
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
     with staged_output(out, overwrite) as staging, user_errors():
+        checkpoints = Checkpoints.open(Path(checkpoint_dir or default_checkpoint_dir(out)), _identity(model, embedder, units))
         connect(address)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
-        dataset = frames_dataset(units, model.image_size, model.frame_stride, cluster.decode_batch)
-        make_embedder = functools.partial(Embedder, model)
-        roots, bounds, accounting = accumulate(
-            dataset, make_embedder, embedder.positions, embedder.dims, cluster, math.ceil(estimate / model.frame_stride)
-        )
-        frames = accounting.check(units)
-        create_model_store(staging, embedder.positions, embedder.dims, bounds[0][1] - bounds[0][0])
-        counts = ray.get([finalize_shard.remote(root, str(staging), start, model.eps) for root, (start, _) in zip(roots, bounds)])
-        if set(counts) != {frames}:
-            raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
-        set_model_attributes(staging, _attributes(model, embedder, units, accounting))
+        try:
+            accumulated = _accumulate_units(units, model, embedder, cluster, checkpoints, [], math.ceil(estimate / model.frame_stride))
+        except KeyboardInterrupt:
+            log.error("fit interrupted: progress is kept in %s; rerun the same command to resume", checkpoints.path)
+            raise
+        frames = _write_model(staging, accumulated, units, model, embedder, 0)
+        attributes = _attributes(model, embedder, units, accumulated.accounting)
+        set_model_attributes(staging, attributes)
         publish(staging, out, overwrite)
+        checkpoints.remove()
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, out)
-    return FitResult(out=out, frames=frames, seconds=seconds)
+    return FitResult(out=out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors)
+
+
+def _accumulate_units(units, model, embedder, cluster, checkpoints, held, expected) -> Accumulated:
+    """accumulate() over decoded video frames."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
+
+    def frames_for(todo: dict[int, np.ndarray]):
+        todo_units = [u for u in units if u.uid in todo]
+        skip = {uid: used for uid, used in todo.items() if len(used)}
+        return frames_dataset(todo_units, model.image_size, model.frame_stride, cluster.decode_batch, skip)
+
+    make_embedder = functools.partial(Embedder, model)
+    return accumulate(frames_for, units, make_embedder, embedder.positions, embedder.dims, cluster, checkpoints, held, expected)
+
+
+def _write_model(staging: Path, accumulated: Accumulated, units, model: ModelConfig, embedder: Embedder, held_frames: int) -> int:
+    """Check the accounting, finalize every shard into the staging store; returns the model's frames."""
+    frames = accumulated.accounting.check(units) + held_frames
+    bounds = accumulated.bounds
+    create_model_store(staging, embedder.positions, embedder.dims, bounds[0][1] - bounds[0][0])
+    counts = ray.get([finalize_shard.remote(root, str(staging), start, model.eps) for root, (start, _) in zip(accumulated.roots, bounds)])
+    if set(counts) != {frames}:
+        raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
+    return frames
+
+
+def _identity(model: ModelConfig, embedder: Embedder, units: list[WorkUnit]) -> dict:
+    """What makes two fits the same fit: their checkpoints may be merged."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": {**model.to_dict(), "dims": embedder.dims},
+        "weights_identity": embedder.weights_identity,
+        "channel_indices": embedder.channel_indices.tolist(),
+        "inputs": [[os.path.abspath(u.path), u.start, u.stop, u.frames] for u in units],
+    }
 
 
 def _attributes(model: ModelConfig, embedder: Embedder, units: list[WorkUnit], accounting: Accounting) -> dict:

@@ -78,6 +78,19 @@ class StatsAccumulator:
     def dims(self) -> int:
         return self.sum.shape[1]
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The accumulator as numpy arrays (CPU), for a checkpoint; see from_state."""
+        return {"count": np.array(self.count), **{name: getattr(self, name).cpu().numpy() for name in ("shift", "sum", "sum_outer")}}
+
+    @classmethod
+    def from_state(cls, state, device: torch.device | str = "cpu") -> StatsAccumulator:
+        """An accumulator holding a saved `state()`."""
+        accumulator = cls.__new__(cls)
+        accumulator.count = int(state["count"])
+        for name in ("shift", "sum", "sum_outer"):
+            setattr(accumulator, name, torch.as_tensor(np.asarray(state[name]), device=device))
+        return accumulator
+
     def update(self, embeddings: torch.Tensor) -> StatsAccumulator:
         """Fold a batch (B, d, h, w) in place; returns self.
 

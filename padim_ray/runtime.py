@@ -24,6 +24,14 @@ class ClusterError(PadimError):
     """The cluster cannot run the requested actors and still decode frames."""
 
 
+_WORKER_LOGS = {"show": True}
+
+
+def show_worker_logs(show: bool) -> None:
+    """Whether Ray workers' output (and their tracebacks) is echoed to this driver's terminal."""
+    _WORKER_LOGS["show"] = show
+
+
 def connect(address: str | None = None) -> None:
     """Use Ray as already initialised, else `address`, else a running cluster, else a new local one.
 
@@ -34,15 +42,15 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address == "local":
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
     elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=_WORKER_LOGS["show"])
     else:
         try:
-            ray.init(address="auto")
+            ray.init(address="auto", log_to_driver=_WORKER_LOGS["show"])
         except ConnectionError:
             log.info("no running Ray cluster found: starting a local one")
-            ray.init(include_dashboard=False)
+            ray.init(include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,6 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int((cpus - 1) // cpus_per_actor))
-    if actors < 1:
-        raise ClusterError(f"--actors must be at least 1, got {actors}")
     if actors * gpus_per_actor > gpus:
         raise ClusterError(
             f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs; "
@@ -134,42 +140,83 @@ def describe_plan(plan: list[ActorSpec]) -> str:
 
 
 class SplitConsumer:
-    """Base of actors that consume one streaming split of decoded frames (see stream_to_actors).
+    """Base of actors that consume streaming splits of decoded frames (see stream_to_actors).
 
-    Subclasses implement `process(batch)` and `result()`; this class counts every row per work unit.
+    Subclasses call `super().__init__()` and implement `process(batch)` and `result()`; this class
+    records every row it consumed (work unit, frame index) across all the splits it is handed.
     """
 
-    accounting = Accounting()
+    def __init__(self):
+        self.accounting = Accounting()
 
     def consume(self, split, batch_size: int):
-        """Process every batch of `split`; returns (accounting, self.result())."""
-        self.accounting = Accounting()
+        """Process every batch of `split`; returns (accounting of every split so far, self.result())."""
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
             self.process(batch)
-            self.accounting.add_batch(batch["unit"], batch["unit_total"])
+            self.accounting.add_batch(batch["unit"], batch["index"], batch["unit_total"])
+            self.batch_done()
         return self.accounting, self.result()
+
+    def batch_done(self) -> None:
+        """Called after each batch is processed and counted (e.g. to checkpoint)."""
 
     def progress(self) -> int:
         """Frames processed so far (answered while consume runs: actors need max_concurrency=2)."""
         return self.accounting.count
 
 
-def stream_to_actors(dataset, actors: list, batch_size: int, expected: int | None, desc: str) -> tuple[Accounting, list]:
-    """Hand one streaming split of `dataset` to each SplitConsumer actor, with one progress bar.
+class Progress:
+    """One progress bar over every pass of a run: frames held before it plus what live actors report."""
+
+    def __init__(self, total: int | None, desc: str):
+        self.bar = tqdm(total=total, unit="frame", desc=desc, file=sys.stderr, mininterval=2)
+        self.held = 0  # frames outside the live actors: checkpoints of lost actors, earlier runs, a stored model
+
+    def poll(self, actors: list) -> None:
+        """Update from the actors that answer within a second (a lost one may never answer)."""
+        refs = [actor.progress.remote() for actor in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        counts = []
+        for ref in ready:
+            try:
+                counts.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
+        self.bar.update(self.held + sum(counts) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def stream_to_actors(dataset, actors: list, batch_size: int, progress: Progress) -> list:
+    """Hand one streaming split of `dataset` to each SplitConsumer actor and wait for all of them.
+
+    A lost actor does not stop the others: they take the rest of the stream.
 
     Returns:
-        The merged accounting of all actors and each actor's result, in actor order.
+        Per actor, in order: its (accounting, result), or the Ray exception that ended its consume.
     """
     splits = dataset.streaming_split(len(actors), equal=False)  # equal=True would drop rows
-    pending = [actor.consume.remote(split, batch_size) for actor, split in zip(actors, splits)]
-    consumed = list(pending)
-    with tqdm(total=expected, unit="frame", desc=desc, file=sys.stderr, mininterval=2) as bar:
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
-            bar.update(sum(ray.get([actor.progress.remote() for actor in actors])) - bar.n)
-    outcomes = ray.get(consumed)
-    accounting = functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes])
-    return accounting, [result for _, result in outcomes]
+    pending = {actor.consume.remote(split, batch_size): i for i, (actor, split) in enumerate(zip(actors, splits))}
+    outcomes: list = [None] * len(actors)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
+        for ref in ready:
+            index = pending.pop(ref)
+            try:
+                outcomes[index] = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                outcomes[index] = err
+        progress.poll([actor for actor, outcome in zip(actors, outcomes) if not isinstance(outcome, BaseException)])
+    return outcomes
+
+
+def raise_first_failure(outcomes: list) -> list:
+    """The outcomes of stream_to_actors, or the first actor's failure raised."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
 
 
 @contextmanager

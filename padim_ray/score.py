@@ -18,7 +18,10 @@ from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
-from padim_ray.runtime import SplitConsumer, connect, describe_plan, plan_actors, stream_to_actors, user_errors
+from padim_ray.accounting import Accounting
+from padim_ray.runtime import (
+    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
+)
 from padim_ray.store import (
     MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_store, open_model, publish, staged_output,
     trim_map_arrays, write_scores,
@@ -101,6 +104,7 @@ class ScoreActor(SplitConsumer):
     """
 
     def __init__(self, model_path: str, score: ScoreConfig, staging: str, targets: dict[int, MapTarget], threads: int):
+        super().__init__()
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.scorer = Scorer(model_path, score, device)
@@ -188,16 +192,19 @@ def score_inputs(
         args = (str(Path(model).resolve()), score, str(staging), targets)
         actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
         log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
+        progress = Progress(estimate, "score")
         try:
-            accounting, results = stream_to_actors(dataset, actors, cluster.batch_size, estimate, "score")
+            outcomes = raise_first_failure(stream_to_actors(dataset, actors, cluster.batch_size, progress))
         finally:
+            progress.close()
             for actor in actors:
                 ray.kill(actor)
+        accounting = functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes])
         accounting.check(units)
-        check_chunk_owners([written for _, written in results])
+        check_chunk_owners([written for _, (_, written) in outcomes])
         frames = _frames_per_input(units, targets, accounting)
         trim_map_arrays(staging, frames)
-        write_scores(staging, _score_table([rows for rows, _ in results], targets))
+        write_scores(staging, _score_table([rows for _, (rows, _) in outcomes], targets))
         publish(staging, out, overwrite)
     return ScoreResult(out=out, frames=frames, seconds=time.monotonic() - started)
 

@@ -193,37 +193,43 @@ def frame_size(file: Path) -> tuple[int, int]:
         raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 
 
-def decode_units(batch: dict, size: int, stride: int, rows_per_block: int) -> Iterator[dict]:
+def decode_units(batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None = None) -> Iterator[dict]:
     """Ray Data map_batches generator: work units in, blocks of resized frames out.
 
     Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
     input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
-    frames the unit produced. Blocks start every `rows_per_block` kept frames from the unit's start.
+    frames the unit produced. Blocks hold up to `rows_per_block` frames. Frames whose index is in
+    `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted.
     """
     for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
         unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
+        done = set(skip[unit.uid].tolist()) if skip and unit.uid in skip else set()
         pending: dict | None = None
         produced = 0
+        last_emitted = False  # whether the unit's last frame is in `pending`
         indices: list[int] = []
         frames: list[np.ndarray] = []
         for index, frame in iter_unit_frames(unit, stride, size):
-            indices.append(index)
-            frames.append(frame)
+            produced += 1
+            last_emitted = index not in done
+            if last_emitted:
+                indices.append(index)
+                frames.append(frame)
             if len(frames) == rows_per_block:
                 if pending is not None:
                     yield pending
                 pending = _block(unit, indices, frames)
-                produced += len(frames)
                 indices, frames = [], []
         if frames:
             if pending is not None:
                 yield pending
             pending = _block(unit, indices, frames)
-            produced += len(frames)
-        if pending is None:
+        if produced == 0:
             raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
-        pending["unit_total"][-1] = produced
-        yield pending
+        if pending is not None:
+            if last_emitted:
+                pending["unit_total"][-1] = produced
+            yield pending
 
 
 def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict:
@@ -235,15 +241,18 @@ def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict
     }
 
 
-def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block: int):
-    """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs."""
+def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block: int, skip: dict | None = None):
+    """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs.
+
+    `skip` maps unit ids to frame indices to leave out (see decode_units).
+    """
     import ray
 
     items = [{"uid": u.uid, "path": u.path, "start": u.start, "stop": -1 if u.stop is None else u.stop} for u in units]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         decode_units,
         batch_size=1,
-        fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block},
+        fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip},
     )
 
 

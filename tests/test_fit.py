@@ -29,24 +29,34 @@ identity_embedder = lambda device: lambda frames: torch.as_tensor(frames, device
 
 
 def embeddings_dataset(embeddings: np.ndarray, rows_per_unit: int = 10):
-    """A Ray Dataset shaped like the decoder's output whose `frame` column holds embeddings."""
+    """A source like the decoder's output whose `frame` column holds embeddings.
+
+    Returns (frames_for, units) for accumulate: frames_for(todo) streams the rows of the units in
+    `todo` less the frame indices listed there.
+    """
     n = len(embeddings)
     unit = np.arange(n) // rows_per_unit
+    index = np.arange(n) % rows_per_unit
     total = np.full(n, NOT_LAST)
     last = np.r_[unit[1:] != unit[:-1], True]
     total[last] = np.bincount(unit)
-    items = [{"frame": embeddings[i], "unit": unit[i], "unit_total": total[i]} for i in range(n)]
-    return ray.data.from_items(items, override_num_blocks=12), int(unit.max()) + 1
+    rows = [{"frame": embeddings[i], "unit": unit[i], "index": index[i], "unit_total": total[i]} for i in range(n)]
+
+    def frames_for(todo: dict) -> ray.data.Dataset:
+        wanted = [r for r in rows if int(r["unit"]) in todo and int(r["index"]) not in set(todo[int(r["unit"])].tolist())]
+        return ray.data.from_items(wanted, override_num_blocks=min(12, len(wanted)))
+
+    return frames_for, [WorkUnit(uid, f"unit{uid}") for uid in range(int(unit.max()) + 1)]
 
 
 def distributed_statistics(embeddings: np.ndarray, cluster: ClusterConfig):
-    """Run the real actor + tree-reduction path on given embeddings; returns (mean, m2, count)."""
-    dataset, units = embeddings_dataset(embeddings)
+    """Run the real actor + tree-reduction path on given embeddings; returns (mean, m2, shards)."""
+    frames_for, units = embeddings_dataset(embeddings)
     positions = GRID[0] * GRID[1]
-    roots, bounds, accounting = accumulate(dataset, identity_embedder, positions, DIMS, cluster)
-    assert accounting.check([WorkUnit(uid, f"unit{uid}") for uid in range(units)]) == len(embeddings)
-    shards = ray.get(roots)
-    assert [s.positions for s in shards] == [stop - start for start, stop in bounds]
+    accumulated = accumulate(frames_for, units, identity_embedder, positions, DIMS, cluster)
+    assert accumulated.accounting.check(units) == accumulated.count == len(embeddings)
+    shards = ray.get(accumulated.roots)
+    assert [s.positions for s in shards] == [stop - start for start, stop in accumulated.bounds]
     mean = np.concatenate([s.mean.numpy() for s in shards])
     m2 = np.concatenate([s.m2.numpy() for s in shards])
     return mean, m2, shards
@@ -102,19 +112,31 @@ def test_frame_stride_keeps_every_nth_frame(ray_local, stc_root, tmp_path, actor
     assert result.frames == 2 * 8  # frames 0, 4, ..., 28 of each 30-frame video
 
 
-def test_accounting_catches_missing_and_extra_frames():
-    from collections import Counter
+def _accounting(used: dict[int, list[int]], totals: dict[int, int]) -> Accounting:
+    accounting = Accounting()
+    for uid, indices in used.items():
+        last = np.full(len(indices), NOT_LAST)
+        if uid in totals:
+            last[-1] = totals[uid]
+        accounting.add_batch(np.full(len(indices), uid), np.array(indices), last)
+    return accounting
 
+
+def test_accounting_catches_missing_extra_and_twice_used_frames():
     units = [WorkUnit(0, "a.avi"), WorkUnit(1, "b.avi")]
-    assert Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 5).check(units) == 5
+    assert _accounting({0: [0, 1, 2], 1: [0, 1]}, {0: 3, 1: 2}).check(units) == 5
     with pytest.raises(FrameAccountingError, match="b.avi was never fully decoded"):
-        Accounting(Counter({0: 3, 1: 2}), {0: 3}, 5).check(units)
+        _accounting({0: [0, 1, 2], 1: [0, 1]}, {0: 3}).check(units)
     with pytest.raises(FrameAccountingError, match="b.avi: decoded 2 frames but used 1"):
-        Accounting(Counter({0: 3, 1: 1}), {0: 3, 1: 2}, 4).check(units)
-    with pytest.raises(FrameAccountingError, match="6 frames were used, the inputs decoded to 5"):
-        Accounting(Counter({0: 3, 1: 2}), {0: 3, 1: 2}, 6).check(units)
-    with pytest.raises(FrameAccountingError, match="finished twice"):
-        Accounting(Counter(), {0: 3}, 3).merge(Accounting(Counter(), {0: 3}, 3))
+        _accounting({0: [0, 1, 2], 1: [1]}, {0: 3, 1: 2}).check(units)
+    with pytest.raises(FrameAccountingError, match=r"b.avi: decoded 2 frames but used 2 \(1 twice\)"):
+        _accounting({0: [0, 1, 2], 1: [1, 1]}, {0: 3, 1: 2}).check(units)
+    with pytest.raises(FrameAccountingError, match=r"frames \[1\] of work unit 1 were used twice"):
+        _accounting({1: [0, 1]}, {}).merge(_accounting({1: [1]}, {1: 2}))
+    partial = _accounting({0: [0, 2], 1: [0]}, {0: 3})  # frame 1 of a.avi and b.avi's end are missing
+    assert {uid: used.tolist() for uid, used in partial.unfinished(units).items()} == {0: [0, 2], 1: [0]}
+    restored = Accounting.from_arrays(partial.to_arrays())
+    assert restored.totals == partial.totals and restored.count == 3 and restored.indices(0).tolist() == [0, 2]
 
 
 def test_actors_that_would_starve_decoding_are_refused(ray_local):

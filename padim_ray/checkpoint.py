@@ -1,0 +1,108 @@
+"""Fit checkpoints: each stats actor's accumulator and the frames it holds, saved as the fit goes.
+
+A checkpoint folder (next to the output by default) holds `fit.json`, the identity of the fit that
+owns it, and one `actor-*.npz` per stats actor: its float64 sums and its accounting (which frames
+of which work unit they hold), replaced atomically at every save. A lost actor's file is its work
+up to the last save; a killed driver's rerun merges every file and decodes only the frames none of
+them holds. A folder of another fit's identity is refused, never mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from padim_ray.accounting import Accounting
+from padim_ray.errors import PadimError
+from padim_ray.gaussian import GaussianStats, StatsAccumulator
+
+IDENTITY_FILE = "fit.json"
+
+
+class CheckpointError(PadimError):
+    """A checkpoint folder that cannot be used for this fit."""
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    """Where a fit writing `out` keeps its checkpoints unless told otherwise: a hidden sibling."""
+    return out.parent / f".{out.name}.checkpoint"
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """An opened checkpoint folder of one fit configuration."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: Path, identity: dict) -> Checkpoints:
+        """Create `path` for a fit of `identity`, or reopen it if an earlier run of the same fit made it."""
+        identity = json.loads(json.dumps(identity))  # as it reads back from disk (tuples become lists)
+        file = path / IDENTITY_FILE
+        if file.is_file():
+            saved = json.loads(file.read_text())
+            differ = sorted(key for key in identity.keys() | saved.keys() if identity.get(key) != saved.get(key))
+            if differ:
+                raise CheckpointError(
+                    f"checkpoint {path} belongs to a fit with other {', '.join(differ)}; rerun that fit to resume it, "
+                    "or remove the folder (or pass another --checkpoint-dir) to start over"
+                )
+        else:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
+            except OSError as err:
+                raise CheckpointError(f"cannot write checkpoints to {path} ({err.strerror}); pass a writable --checkpoint-dir") from None
+        return cls(path)
+
+    def files(self) -> list[Path]:
+        """Every actor's last checkpoint, from this run and earlier ones."""
+        return sorted(self.path.glob("actor-*.npz"))
+
+    def new_file(self) -> str:
+        """A fresh checkpoint file name for one actor."""
+        return str(self.path / f"actor-{uuid.uuid4().hex[:12]}.npz")
+
+    def remove(self) -> None:
+        """Remove the folder: the fit is published."""
+        for file in self.path.iterdir():
+            file.unlink(missing_ok=True)
+        self.path.rmdir()
+
+
+def save_checkpoint(file: str, accumulator: StatsAccumulator, accounting: Accounting) -> None:
+    """Replace `file` with the accumulator and its accounting, atomically (a crash keeps the old one)."""
+    _write_atomically(Path(file), lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
+
+
+def read_accounting(file: Path) -> Accounting:
+    """The frames a checkpoint file holds."""
+    with np.load(file) as arrays:
+        return Accounting.from_arrays(arrays)
+
+
+@ray.remote
+def checkpoint_shards(file: str, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
+    """A checkpoint's statistics split into position shards (as StatsActor.shards), owned by the caller."""
+    with np.load(file) as arrays:
+        accumulator = StatsAccumulator.from_state(arrays)
+    parts = [accumulator.stats(start, stop, in_place=True) for start, stop in bounds]
+    return parts if len(parts) > 1 else parts[0]
+
+
+def _write_atomically(file: Path, write) -> None:
+    temporary = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, file)
+    finally:
+        temporary.unlink(missing_ok=True)
