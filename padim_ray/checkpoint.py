@@ -20,7 +20,7 @@ import ray
 
 from padim_ray.accounting import Accounting
 from padim_ray.errors import PadimError
-from padim_ray.gaussian import GaussianStats, StatsAccumulator
+from padim_ray.gaussian import StatsAccumulator
 
 IDENTITY_FILE = "fit.json"
 
@@ -81,19 +81,17 @@ def save_checkpoint(file: str, accumulator: StatsAccumulator, accounting: Accoun
     _write_atomically(Path(file), lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
 
 
-def read_accounting(file: Path) -> Accounting:
-    """The frames a checkpoint file holds."""
-    with np.load(file) as arrays:
-        return Accounting.from_arrays(arrays)
-
-
 @ray.remote
-def checkpoint_shards(file: str, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
-    """A checkpoint's statistics split into position shards (as StatsActor.shards), owned by the caller."""
+def checkpoint_shards(file: str, bounds: list[tuple[int, int]]) -> list:
+    """A checkpoint's accounting, then its statistics split into position shards (as StatsActor.shards).
+
+    Both come from one read of the file, so they agree even if its actor, thought lost, saved again.
+    Call with num_returns=len(bounds) + 1; the refs are owned by the caller.
+    """
     with np.load(file) as arrays:
+        accounting = Accounting.from_arrays(arrays)
         accumulator = StatsAccumulator.from_state(arrays)
-    parts = [accumulator.stats(start, stop, in_place=True) for start, stop in bounds]
-    return parts if len(parts) > 1 else parts[0]
+    return [accounting] + [accumulator.stats(start, stop, in_place=True) for start, stop in bounds]
 
 
 def _write_atomically(file: Path, write) -> None:

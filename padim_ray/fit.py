@@ -21,7 +21,7 @@ from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
-from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, read_accounting, save_checkpoint
+from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
@@ -90,7 +90,8 @@ def merge_partials(*partials: GaussianStats) -> GaussianStats:
 def reduce_tree(refs: list, fan_in: int):
     """Merge partials of one shard in a tree of Ray tasks; returns the root's ObjectRef."""
     while len(refs) > 1:
-        refs = [merge_partials.remote(*refs[i : i + fan_in]) for i in range(0, len(refs), fan_in)]
+        groups = [refs[i : i + fan_in] for i in range(0, len(refs), fan_in)]
+        refs = [merge_partials.remote(*group) if len(group) > 1 else group[0] for group in groups]  # a lone one waits
     return refs[0]
 
 
@@ -105,9 +106,9 @@ class Partial:
 
     @classmethod
     def from_checkpoint(cls, file: Path, bounds: list[tuple[int, int]]) -> Partial:
-        accounting = read_accounting(file)
-        refs = checkpoint_shards.options(num_returns=len(bounds)).remote(str(file), bounds)
-        return cls(refs if isinstance(refs, list) else [refs], accounting, accounting.count)
+        accounting, *shards = checkpoint_shards.options(num_returns=len(bounds) + 1).remote(str(file), bounds)
+        accounting = ray.get(accounting)
+        return cls(shards, accounting, accounting.count)
 
 
 @dataclass
@@ -167,7 +168,8 @@ def accumulate(
             cause = _first_line(outcomes[dead[0]])
             log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
             for i in dead:
-                if Path(files[i]).is_file():
+                ray.kill(actors[i])  # one only thought lost must not save again
+                if files[i] and Path(files[i]).is_file():
                     partials.append(Partial.from_checkpoint(Path(files[i]), bounds))
                     done = done.merge(partials[-1].accounting)
                     progress.held += partials[-1].count

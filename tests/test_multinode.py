@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import ray
@@ -14,7 +16,9 @@ from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
 from conftest import SMALL_MODEL, relative_error, start_local_ray
+from padim_ray.fit import actor_name
 from test_fit import _split_independent_case
+from test_recovery import CHECKPOINT_EACH_BATCH, run_fit
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +46,47 @@ def test_three_node_statistics_equal_single_actor(three_nodes, actors1):
     _split_independent_case(actors1, spread_actors())
 
 
+class NodeRemover(threading.Thread):
+    """Removes the worker node of the first stats actor that checkpoints there (the actor, its decode
+    tasks and the objects on that node are lost with it)."""
+
+    def __init__(self, cluster, folder):
+        super().__init__(daemon=True)
+        self.cluster, self.folder, self.removed = cluster, folder, None
+
+    def run(self):
+        deadline = time.monotonic() + 120
+        while self.removed is None and time.monotonic() < deadline:
+            for file in self.folder.glob("actor-*.npz"):
+                [actor] = list_actors(filters=[("name", "=", actor_name(str(file)))])
+                node = next((n for n in self.cluster.worker_nodes if n.node_id == actor.node_id), None)
+                if node is not None:
+                    self.cluster.remove_node(node, allow_graceful=False)
+                    self.removed = node
+                    break
+            time.sleep(0.01)
+
+
+def test_lost_node_is_redone_exactly(three_nodes, tmp_path):
+    _, mean_ref, m2_ref = run_fit(ClusterConfig(actors=1, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH))
+    remover = NodeRemover(three_nodes, tmp_path / "checkpoints")
+    remover.start()
+    cluster = ClusterConfig(actors=3, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
+    accumulated, mean, m2 = run_fit(cluster, tmp_path / "checkpoints")
+    remover.join()
+    assert remover.removed is not None
+    assert accumulated.lost_actors == 1
+    assert relative_error(mean, mean_ref) <= 1e-12
+    assert relative_error(m2, m2_ref) <= 1e-12
+    three_nodes.add_node(num_cpus=1, object_store_memory=300 << 20)  # back to three for the next test
+    three_nodes.wait_for_nodes()
+
+
 def test_three_node_fit_equals_local_single_actor_fit(three_nodes, stc_root, tmp_path, actors1):
     videos = scene_videos(stc_root, "01")
+    earlier = {actor.actor_id for actor in list_actors(filters=[("class_name", "=", "StatsActor")])}
     multi = open_model(fit_model(videos, tmp_path / "multi", SMALL_MODEL, spread_actors()).out)
-    stats_actors = list_actors(filters=[("class_name", "=", "StatsActor")])
+    stats_actors = [a for a in list_actors(filters=[("class_name", "=", "StatsActor")]) if a.actor_id not in earlier]
     assert len({actor.node_id for actor in stats_actors}) == 3  # one actor per node
     ray.shutdown()
     start_local_ray()
@@ -57,3 +98,4 @@ def test_three_node_fit_equals_local_single_actor_fit(three_nodes, stc_root, tmp
     assert multi.attrs["frames"] == single.attrs["frames"] == 60
     for name in ("mean", "covariance"):
         assert relative_error(multi.read(name), single.read(name)) <= 1e-6
+
