@@ -142,6 +142,32 @@ def _echo_fit(result) -> None:
 
 
 @app.command()
+def update(
+    model: Annotated[Path, typer.Argument(help="Model store written by `padim-ray fit`; replaced when done.")],
+    inputs: Annotated[list[Path], typer.Argument(help="New videos or folders of frames to merge in.")],
+    force: Annotated[bool, typer.Option(help="Merge inputs the model already holds (their frames count twice).")] = False,
+    batch_size: BatchSize = ClusterConfig.batch_size,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    checkpoint_dir: CheckpointDir = None,
+    checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
+    max_retries: MaxRetries = ClusterConfig.max_retries,
+    address: Address = None,
+) -> None:
+    """Merge new footage into a fitted model: equal to one fit on the old and new footage together."""
+    from padim_ray.fit import update_model
+
+    with _one_line_errors():
+        cluster = ClusterConfig(
+            actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+            checkpoint_every=checkpoint_every, max_retries=max_retries,
+        )
+        result = update_model(model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir)
+    _echo_fit(result)
+
+
+@app.command()
 def score(
     model: Annotated[Path, typer.Argument(help="Model store written by `padim-ray fit`.")],
     inputs: Annotated[list[Path], typer.Argument(help="Videos and folders of frames to score.")],

@@ -26,7 +26,7 @@ from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
-from padim_ray.store import create_model_store, publish, set_model_attributes, staged_output, write_shard
+from padim_ray.store import StoreError, create_model_store, open_model, publish, set_model_attributes, staged_output, write_shard
 from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
@@ -256,21 +256,91 @@ def fit_model(
     Progress is checkpointed in `checkpoint_dir` (default: next to `out`); rerunning the same fit
     after a crash resumes from there, and a finished fit removes it.
     """
-    started = time.monotonic()
-    out = Path(out)
     units, estimate = make_units(expand_inputs(list(inputs)))
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
+    return _fit_units(Path(out), units, estimate, model, embedder, cluster, overwrite, address, checkpoint_dir)
+
+
+def update_model(
+    model_path: str | Path,
+    inputs: list[str | Path],
+    cluster: ClusterConfig = ClusterConfig(),
+    force: bool = False,
+    address: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> FitResult:
+    """Merge the frames of `inputs` into the stored model at `model_path` (equal to one fit on all of them).
+
+    The model's stored statistics (frames, mean, m2) are merged exactly with the new frames'; the
+    updated model replaces the old one in one rename, so the old one is intact until then.
+    """
+    model_path = Path(model_path)
+    store = open_model(model_path)
+    model = ModelConfig(**store.attrs["config"])
+    embedder = Embedder(model)
+    for key, ours in (("weights_identity", embedder.weights_identity), ("channel_indices", embedder.channel_indices.tolist())):
+        if store.attrs[key] != ours:
+            raise StoreError(
+                f"model {model_path} was fitted with other {key.replace('_', ' ')} than this padim-ray reproduces "
+                f"({str(store.attrs[key])[:60]}); it cannot be updated: fit a new model on all the footage"
+            )
+    units, estimate = make_units(expand_inputs(list(inputs)))
+    known = {_source_key(source) for source in store.attrs["sources"]}
+    repeated = [u.path for u in units if _source_key(vars(u)) in known]
+    if repeated and not force:
+        raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
+    base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"])
+    return _fit_units(model_path, units, estimate, model, embedder, cluster, True, address, checkpoint_dir, base)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A stored model that new frames are merged into."""
+
+    path: Path
+    frames: int
+    sources: list[dict]
+
+
+@ray.remote
+def stored_shards(path: str, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
+    """A stored model's statistics (frames, mean, m2) split into position shards."""
+    store = open_model(path)
+    parts = [
+        GaussianStats(store.attrs["frames"], torch.from_numpy(store.read("mean", start, stop)), torch.from_numpy(store.read("m2", start, stop)))
+        for start, stop in bounds
+    ]
+    return parts if len(parts) > 1 else parts[0]
+
+
+def _source_key(source: dict) -> tuple:
+    return os.path.abspath(source["path"]), source["start"], source["stop"]
+
+
+def _fit_units(out: Path, units, estimate, model, embedder, cluster, overwrite, address, checkpoint_dir, base: BaseModel | None = None) -> FitResult:
+    """Fit (or, with `base`, update) the model `out` on `units`: checkpoints, accumulate, write, publish."""
+    started = time.monotonic()
+    identity = _identity(model, embedder, units)
+    if base:
+        identity["base_model"] = {"path": os.path.abspath(base.path), "frames": base.frames}
     with staged_output(out, overwrite) as staging, user_errors():
-        checkpoints = Checkpoints.open(Path(checkpoint_dir or default_checkpoint_dir(out)), _identity(model, embedder, units))
+        checkpoints = Checkpoints.open(Path(checkpoint_dir or default_checkpoint_dir(out)), identity)
         connect(address)
+        held = []
+        if base:
+            bounds = shard_bounds(embedder.positions, embedder.dims, cluster.shard_bytes)
+            refs = stored_shards.options(num_returns=len(bounds)).remote(str(base.path), bounds)
+            held.append(Partial(refs if isinstance(refs, list) else [refs], Accounting(), base.frames))
         try:
-            accumulated = _accumulate_units(units, model, embedder, cluster, checkpoints, [], math.ceil(estimate / model.frame_stride))
+            accumulated = _accumulate_units(units, model, embedder, cluster, checkpoints, held, math.ceil(estimate / model.frame_stride))
         except KeyboardInterrupt:
             log.error("fit interrupted: progress is kept in %s; rerun the same command to resume", checkpoints.path)
             raise
-        frames = _write_model(staging, accumulated, units, model, embedder, 0)
-        attributes = _attributes(model, embedder, units, accumulated.accounting)
-        set_model_attributes(staging, attributes)
+        frames = _write_model(staging, accumulated, units, model, embedder, base.frames if base else 0)
+        sources = (base.sources if base else []) + [
+            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in units
+        ]
+        set_model_attributes(staging, _attributes(model, embedder, sources, frames))
         publish(staging, out, overwrite)
         checkpoints.remove()
     seconds = time.monotonic() - started
@@ -313,7 +383,7 @@ def _identity(model: ModelConfig, embedder: Embedder, units: list[WorkUnit]) -> 
     }
 
 
-def _attributes(model: ModelConfig, embedder: Embedder, units: list[WorkUnit], accounting: Accounting) -> dict:
+def _attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], frames: int) -> dict:
     spec = embedder.spec
     return {
         "package_version": version("padim-ray"),
@@ -328,8 +398,6 @@ def _attributes(model: ModelConfig, embedder: Embedder, units: list[WorkUnit], a
         "dims": embedder.dims,
         "channel_indices": embedder.channel_indices.tolist(),
         "eps": model.eps,
-        "frames": accounting.count,
-        "sources": [
-            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accounting.totals[u.uid]} for u in units
-        ],
+        "frames": frames,
+        "sources": sources,
     }

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 import torch
 
-from padim_ray.checkpoint import Checkpoints
+from padim_ray.checkpoint import CheckpointError, Checkpoints
 from padim_ray.config import ClusterConfig
-from padim_ray.fit import FitLostError, accumulate, actor_name
-from conftest import relative_error, start_local_ray
+from padim_ray.fit import FitLostError, accumulate, actor_name, fit_model, update_model
+from padim_ray.stc import scene_videos
+from padim_ray.store import StoreError, open_model
+from conftest import SMALL_MODEL, relative_error, start_local_ray
 from test_fit import DIMS, GRID, embeddings_dataset
 
 # the identity embedder of test_fit, slowed so that a fit lasts long enough to be interrupted
 slow_identity_embedder = lambda device: lambda frames: (time.sleep(0.03), torch.as_tensor(frames, device=device))[1]  # noqa: E731
 
 EMBEDDINGS = np.random.default_rng(11).normal(1e4, 1.0, size=(150, DIMS, *GRID))  # mean = 1e4 x std
+BIN = Path(sys.executable).parent
+SMALL_FIT_OPTIONS = ["--weights", "none", "--image-size", "64", "--dims", "16", "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "4"]
+SMALL_FIT_CLUSTER = ClusterConfig(actors=1, cpus_per_actor=0.5, batch_size=4)
+RESUME_TOLERANCE = 1e-12
 CHECKPOINT_EACH_BATCH = dict(batch_size=5, fan_in=2, checkpoint_every=0.0, shard_bytes=7 * DIMS * DIMS * 8)
 
 
@@ -78,3 +90,73 @@ def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_pa
         run_fit(cluster, tmp_path / "checkpoints", kill=True)
     assert "\n" not in str(error.value)
     assert list((tmp_path / "checkpoints").glob("actor-*.npz"))  # the lost actor's work is kept for a rerun
+
+
+def test_killed_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
+    """SIGKILL `padim-ray fit` after its first checkpoint; the same command resumes and equals an uninterrupted fit."""
+    out = tmp_path / "model"
+    ray_tmp = tempfile.mkdtemp(prefix="prr-")  # the CLI's own local Ray, apart from the session's
+    command = [
+        str(BIN / "padim-ray"), "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out),
+        *SMALL_FIT_OPTIONS, "--checkpoint-every", "0", "--address", "local",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    checkpoints = tmp_path / ".model.checkpoint"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("actor-*.npz")) and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.stdout.read()[-2000:]  # killed mid-fit, not finished
+    assert not out.exists() and list(checkpoints.glob("actor-*.npz"))
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming with" in resumed.stderr and "model: " in resumed.stdout
+    assert not checkpoints.exists() and not list(tmp_path.glob(".model.partial-*"))  # nothing left behind
+
+    reference = fit_model(scene_videos(stc_root, "01"), tmp_path / "reference", SMALL_MODEL, SMALL_FIT_CLUSTER)
+    a, b = open_model(out), open_model(reference.out)
+    assert a.attrs["frames"] == b.attrs["frames"] == 60
+    for name in ("mean", "m2", "covariance"):
+        assert relative_error(a.read(name), b.read(name)) <= RESUME_TOLERANCE, name
+
+
+def test_checkpoint_of_another_fit_is_refused(tmp_path):
+    Checkpoints.open(tmp_path / "c", {"config": {"dims": 16}, "inputs": ["a.avi"]})
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/c belongs to a fit with other config; .*remove the folder"):
+        Checkpoints.open(tmp_path / "c", {"config": {"dims": 32}, "inputs": ["a.avi"]})
+
+
+def test_update_merges_new_footage_exactly_and_refuses_repeats(ray_local, stc_root, small_model, tmp_path):
+    """fit(video 1) then update(video 2) equals fit(videos 1 and 2): `small_model` is that fit."""
+    first, second = scene_videos(stc_root, "01")
+    model = tmp_path / "model"
+    cluster = ClusterConfig(actors=1, cpus_per_actor=0.5)
+    fit_model([first], model, SMALL_MODEL, cluster)
+    with pytest.raises(StoreError, match=r"input .*01_001.avi is already in model .*pass --force"):
+        update_model(model, [first], cluster)
+    before = open_model(model).read("m2")
+    result = update_model(model, [second], cluster)
+    assert result.frames == 60
+    updated, reference = open_model(model), open_model(small_model)
+    assert updated.attrs["frames"] == 60 and [s["frames"] for s in updated.attrs["sources"]] == [30, 30]
+    assert [Path(s["path"]).name for s in updated.attrs["sources"]] == ["01_001.avi", "01_002.avi"]
+    for name in ("mean", "m2", "covariance", "precision"):
+        assert relative_error(updated.read(name), reference.read(name)) <= 1e-9, name
+    assert relative_error(before, updated.read("m2")) > 1e-3  # the model did change
+    assert not list(tmp_path.glob(".model.*"))  # no staging or checkpoint left
+
+
+def test_update_refuses_a_model_this_version_cannot_reproduce(small_model, stc_root, tmp_path):
+    import zarr
+
+    model = tmp_path / "model"
+    shutil.copytree(small_model, model)
+    zarr.open_group(str(model), mode="r+").attrs["weights_identity"] = "sha256:0123abcd"
+    with pytest.raises(StoreError, match=r"was fitted with other weights identity .*cannot be updated"):
+        update_model(model, [scene_videos(stc_root, "01")[0]], force=True)
+    assert open_model(model).attrs["frames"] == 60  # untouched
