@@ -27,14 +27,23 @@ class Accounting:
     used: dict = field(default_factory=dict)  # unit id -> list of int64 arrays of frame indices used
     totals: dict = field(default_factory=dict)  # unit id -> frames the decoder produced for it
     count: int = 0  # frames used: folded into statistics, or scored
+    bad: set = field(default_factory=set)  # unit ids the decoder marked as undecodable (BAD_UNIT rows)
 
     def add_batch(self, units: np.ndarray, indices: np.ndarray, unit_totals: np.ndarray) -> None:
-        """Count a batch's rows (columns `unit`, `index` and `unit_total` of the decoder's output)."""
+        """Count a batch's frame rows (columns `unit`, `index` and `unit_total` of the decoder's output)."""
         for uid in np.unique(units).tolist():
             self.used.setdefault(uid, []).append(indices[units == uid].astype(np.int64))
         last = unit_totals != NOT_LAST
         self.totals.update(zip(units[last].tolist(), unit_totals[last].tolist()))
         self.count += len(units)
+
+    def add_bad(self, units: np.ndarray) -> None:
+        """Record units marked undecodable (rows whose `unit_total` is BAD_UNIT)."""
+        self.bad.update(units.tolist())
+
+    def touches(self, units: set[int]) -> bool:
+        """Whether any frame of `units` was used."""
+        return not units.isdisjoint(self.used)
 
     def indices(self, uid: int) -> np.ndarray:
         """Sorted frame indices of unit `uid` used (empty if none)."""
@@ -57,7 +66,7 @@ class Accounting:
                     "its decoding is not deterministic: re-encode it"
                 )
         used = {uid: self.used.get(uid, []) + other.used.get(uid, []) for uid in self.used.keys() | other.used.keys()}
-        return Accounting(used, {**self.totals, **other.totals}, self.count + other.count)
+        return Accounting(used, {**self.totals, **other.totals}, self.count + other.count, self.bad | other.bad)
 
     def unfinished(self, units: list[WorkUnit]) -> dict[int, np.ndarray]:
         """Units some frames of which are still to do: unit id -> the indices already used (to skip)."""
@@ -89,6 +98,7 @@ class Accounting:
             "used_indices": np.concatenate([self.indices(u) for u in uids]) if uids else np.zeros(0, np.int64),
             "total_units": np.array(list(self.totals), dtype=np.int64),
             "total_frames": np.array(list(self.totals.values()), dtype=np.int64),
+            "bad_units": np.array(sorted(self.bad), dtype=np.int64),
         }
 
     @classmethod
@@ -99,4 +109,5 @@ class Accounting:
             accounting.used[uid] = [indices[units == uid]]
         accounting.totals = dict(zip(arrays["total_units"].tolist(), arrays["total_frames"].tolist()))
         accounting.count = len(units)
+        accounting.bad = set(arrays["bad_units"].tolist())
         return accounting

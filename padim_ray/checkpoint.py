@@ -69,6 +69,11 @@ class Checkpoints:
         """A fresh checkpoint file name for one actor."""
         return str(self.path / f"actor-{uuid.uuid4().hex[:12]}.npz")
 
+    def remove_if_empty(self) -> None:
+        """Remove the folder unless it holds progress worth resuming from (a failed fit's)."""
+        if not self.files():
+            self.remove()
+
     def remove(self) -> None:
         """Remove the folder: the fit is published."""
         for file in self.path.iterdir():

@@ -32,6 +32,7 @@ Address = Annotated[Optional[str], typer.Option(help="Ray address (running clust
 CheckpointDir = Annotated[Optional[Path], typer.Option(help="Where progress is checkpointed (default: .OUT.checkpoint next to the output).")]
 CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
 MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
+SkipBadInputs = Annotated[bool, typer.Option(help="Leave out inputs that cannot be decoded (listed in the model) instead of stopping.")]
 
 
 class Source(str, Enum):
@@ -106,6 +107,7 @@ def fit(
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
     max_retries: MaxRetries = ClusterConfig.max_retries,
+    skip_bad_inputs: SkipBadInputs = False,
     address: Address = None,
 ) -> None:
     """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs.
@@ -132,13 +134,19 @@ def fit(
             if not paths or out is None:
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
             inputs = paths
-        result = fit_model(inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir)
+        result = fit_model(
+            inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs,
+        )
     _echo_fit(result)
 
 
 def _echo_fit(result) -> None:
     recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
     typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered})")
+    if result.skipped:
+        typer.echo(f"skipped {len(result.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
+        for skipped in result.skipped:
+            typer.echo(f"  {skipped['path']}: {skipped['reason']}")
 
 
 @app.command()
@@ -153,6 +161,7 @@ def update(
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
     max_retries: MaxRetries = ClusterConfig.max_retries,
+    skip_bad_inputs: SkipBadInputs = False,
     address: Address = None,
 ) -> None:
     """Merge new footage into a fitted model: equal to one fit on the old and new footage together."""
@@ -163,7 +172,9 @@ def update(
             actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
-        result = update_model(model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir)
+        result = update_model(
+            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs,
+        )
     _echo_fit(result)
 
 

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -27,7 +27,7 @@ from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
 from padim_ray.store import StoreError, create_model_store, open_model, publish, set_model_attributes, staged_output, write_shard
-from padim_ray.video import WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +103,67 @@ class Partial:
     shards: list
     accounting: Accounting
     count: int
+    file: Path | None = None  # the checkpoint it came from
 
     @classmethod
     def from_checkpoint(cls, file: Path, bounds: list[tuple[int, int]]) -> Partial:
         accounting, *shards = checkpoint_shards.options(num_returns=len(bounds) + 1).remote(str(file), bounds)
         accounting = ray.get(accounting)
-        return cls(shards, accounting, accounting.count)
+        return cls(shards, accounting, accounting.count, file)
 
 
 @dataclass
 class Accumulated:
     """What `accumulate` returns: one reduced ObjectRef per position shard, the shard bounds, the
-    accounting of every frame in them, their count and the number of stats actors lost."""
+    accounting of every frame in them, their count, the number of stats actors lost and the ids of
+    units left out as undecodable."""
 
     roots: list
     bounds: list[tuple[int, int]]
     accounting: Accounting
     count: int
     lost_actors: int = 0
+    bad_units: set = field(default_factory=set)
+
+
+class StatsPool:
+    """The live stats actors (with their checkpoint files and last outcomes) and the partials outside them."""
+
+    def __init__(self, partials: list[Partial], bounds: list[tuple[int, int]], progress: Progress):
+        self.partials, self.bounds, self.progress = partials, bounds, progress
+        self.actors: list = []
+        self.files: list = []
+        self.outcomes: list = []  # per live actor: (accounting, frames in its statistics)
+        self.progress.held = sum(p.count for p in partials)
+
+    def accounting(self) -> Accounting:
+        """Every frame held, in partials and live actors."""
+        parts = [p.accounting for p in self.partials] + [accounting for accounting, _ in self.outcomes]
+        return functools.reduce(Accounting.merge, parts, Accounting())
+
+    def drop(self, indices: list[int], bad: set[int]) -> None:
+        """Kill these actors; keep each one's last checkpoint as a partial unless it holds frames of `bad` units."""
+        for i in indices:
+            ray.kill(self.actors[i])  # an actor only thought lost must not save again
+            if self.files[i] and Path(self.files[i]).is_file():
+                self.partials.append(Partial.from_checkpoint(Path(self.files[i]), self.bounds))
+        self.actors, self.files, self.outcomes = (
+            [x for i, x in enumerate(seq) if i not in indices] for seq in (self.actors, self.files, self.outcomes)
+        )
+        self.drop_partials_of(bad)
+
+    def drop_partials_of(self, bad: set[int]) -> None:
+        """Discard partials holding frames of `bad` units (their checkpoint files too)."""
+        for partial in [p for p in self.partials if p.accounting.touches(bad)]:
+            self.partials.remove(partial)
+            if partial.file:
+                partial.file.unlink(missing_ok=True)
+        self.progress.held = sum(p.count for p in self.partials)
+
+    def close(self) -> None:
+        self.progress.close()
+        for actor in self.actors:  # the shards live on in the object store, owned by the driver
+            ray.kill(actor)
 
 
 def accumulate(
@@ -140,65 +183,62 @@ def accumulate(
     leave out, empty for a whole unit), shaped like the decoder's output. Statistics already `held`
     and the files in `checkpoints` (an earlier run's) are merged in and their frames not redone.
     When actors are lost, the frames they held since their last checkpoint are redone on the others
-    (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors.
+    (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A unit the
+    decoder marks undecodable is left out: every accumulator that holds frames of it is discarded
+    (back to its last clean checkpoint) and its other frames redone.
     Only the caller owns the returned refs; the driver never fetches statistics.
     """
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
     partials = list(held) + [Partial.from_checkpoint(file, bounds) for file in (checkpoints.files() if checkpoints else [])]
-    done = functools.reduce(Accounting.merge, [p.accounting for p in partials], Accounting())
-    if done.count:
-        log.info("fit: resuming with %d frames already held (%s)", done.count, checkpoints.path if checkpoints else "model")
-    actors, files, outcomes, dead = [], [], [], []
-    lost = 0
-    progress = Progress(expected_frames, "fit")
-    progress.held = sum(p.count for p in partials)
+    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit"))
+    if pool.progress.held:
+        log.info("fit: resuming with %d frames already held (%s)", pool.progress.held, checkpoints.path if checkpoints else "model")
+    bad: set[int] = set()
+    lost, lost_now = 0, False
     try:
         while True:
-            todo = done.merge(_merged(outcomes)).unfinished(units)
-            if not todo or (outcomes and not dead):
-                break  # done; or a pass lost no actor yet left frames out, which the accounting check names
-            if not actors:
-                actors, files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
-            outcomes = stream_to_actors(frames_for(todo), actors, cluster.batch_size, progress)
+            held_now = pool.accounting()
+            if held_now.bad - bad:
+                bad |= held_now.bad
+                tainted = [i for i, (accounting, _) in enumerate(pool.outcomes) if accounting.touches(bad)]
+                log.warning("fit: leaving out %d undecodable input(s); redoing the frames of %d actor(s) that used them", len(bad), len(tainted))
+                pool.drop(tainted, bad)
+                held_now = pool.accounting()
+            elif pool.outcomes and not lost_now:
+                break  # a clean pass: done, or frames are missing that the accounting check names
+            todo = held_now.unfinished([u for u in units if u.uid not in bad])
+            if not todo:
+                break
+            if not pool.actors:
+                pool.actors, pool.files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
+            outcomes = stream_to_actors(frames_for(todo), pool.actors, cluster.batch_size, pool.progress)
             raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
             dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
-            if not dead:
-                continue
-            lost += len(dead)
-            cause = _first_line(outcomes[dead[0]])
-            log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
-            for i in dead:
-                ray.kill(actors[i])  # one only thought lost must not save again
-                if files[i] and Path(files[i]).is_file():
-                    partials.append(Partial.from_checkpoint(Path(files[i]), bounds))
-                    done = done.merge(partials[-1].accounting)
-                    progress.held += partials[-1].count
-            if lost > cluster.max_retries:
-                where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
-                raise FitLostError(f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {where}")
-            actors, files, outcomes = ([x for i, x in enumerate(seq) if i not in dead] for seq in (actors, files, outcomes))
-        accounting = done.merge(_merged(outcomes))
-        count = sum(p.count for p in partials) + sum(o[1] for o in outcomes)
-        if count != accounting.count + sum(p.count - p.accounting.count for p in partials):
+            pool.outcomes, lost_now = outcomes, bool(dead)
+            if dead:
+                lost += len(dead)
+                cause = _first_line(outcomes[dead[0]])
+                log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
+                pool.drop(dead, bad)
+                if lost > cluster.max_retries:
+                    where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
+                    raise FitLostError(f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {where}")
+        accounting = pool.accounting()
+        count = sum(p.count for p in pool.partials) + sum(frames for _, frames in pool.outcomes)
+        if count != accounting.count + sum(p.count - p.accounting.count for p in pool.partials):
             raise FrameAccountingError(f"statistics hold {count} frames, the actors counted {accounting.count}")
-        per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in actors]
-        shard_refs = [refs if isinstance(refs, list) else [refs] for refs in per_actor] + [p.shards for p in partials]
+        per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in pool.actors]
+        shard_refs = [refs if isinstance(refs, list) else [refs] for refs in per_actor] + [p.shards for p in pool.partials]
         ray.wait([ref for refs in shard_refs for ref in refs], num_returns=sum(map(len, shard_refs)), fetch_local=False)
     finally:
-        progress.close()
-        for actor in actors:  # the shards live on in the object store, owned by this driver
-            ray.kill(actor)
+        pool.close()
     roots = [reduce_tree([refs[s] for refs in shard_refs], cluster.fan_in) for s in range(len(bounds))]
-    return Accumulated(roots, bounds, accounting, count, lost)
+    return Accumulated(roots, bounds, accounting, count, lost, bad)
 
 
 def actor_name(checkpoint_file: str | None) -> str | None:
     """A stats actor's Ray name, from its checkpoint file (e.g. for `ray.get_actor` while debugging)."""
     return f"padim-ray-stats-{Path(checkpoint_file).stem}" if checkpoint_file else None
-
-
-def _merged(outcomes: list) -> Accounting:
-    return functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes], Accounting())
 
 
 def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConfig, checkpoints: Checkpoints | None):
@@ -240,6 +280,7 @@ class FitResult:
     frames: int
     seconds: float
     lost_actors: int = 0
+    skipped: list[dict] = field(default_factory=list)  # inputs left out: {"path", "reason"}
 
 
 def fit_model(
@@ -250,15 +291,17 @@ def fit_model(
     overwrite: bool = False,
     address: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    skip_bad_inputs: bool = False,
 ) -> FitResult:
     """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`.
 
     Progress is checkpointed in `checkpoint_dir` (default: next to `out`); rerunning the same fit
-    after a crash resumes from there, and a finished fit removes it.
+    after a crash resumes from there, and a finished fit removes it. An input that cannot be decoded
+    stops the fit, or with `skip_bad_inputs` is left out and listed in the model's `skipped_inputs`.
     """
-    units, estimate = make_units(expand_inputs(list(inputs)))
+    job = FitJob(Path(out), cluster, overwrite, address, checkpoint_dir, skip_bad_inputs)
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
-    return _fit_units(Path(out), units, estimate, model, embedder, cluster, overwrite, address, checkpoint_dir)
+    return _fit_units(job, list(inputs), model, embedder)
 
 
 def update_model(
@@ -268,6 +311,7 @@ def update_model(
     force: bool = False,
     address: str | None = None,
     checkpoint_dir: str | Path | None = None,
+    skip_bad_inputs: bool = False,
 ) -> FitResult:
     """Merge the frames of `inputs` into the stored model at `model_path` (equal to one fit on all of them).
 
@@ -284,13 +328,25 @@ def update_model(
                 f"model {model_path} was fitted with other {key.replace('_', ' ')} than this padim-ray reproduces "
                 f"({str(store.attrs[key])[:60]}); it cannot be updated: fit a new model on all the footage"
             )
-    units, estimate = make_units(expand_inputs(list(inputs)))
     known = {_source_key(source) for source in store.attrs["sources"]}
-    repeated = [u.path for u in units if _source_key(vars(u)) in known]
+    repeated = [str(path) for path in expand_inputs(list(inputs)) if _source_key({"path": path}) in known]
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
-    base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"])
-    return _fit_units(model_path, units, estimate, model, embedder, cluster, True, address, checkpoint_dir, base)
+    base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"], store.attrs.get("skipped_inputs", []))
+    job = FitJob(model_path, cluster, True, address, checkpoint_dir, skip_bad_inputs)
+    return _fit_units(job, list(inputs), model, embedder, base)
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Where a fit writes and how it runs (what does not change the model)."""
+
+    out: Path
+    cluster: ClusterConfig
+    overwrite: bool
+    address: str | None
+    checkpoint_dir: str | Path | None
+    skip_bad_inputs: bool
 
 
 @dataclass(frozen=True)
@@ -300,6 +356,7 @@ class BaseModel:
     path: Path
     frames: int
     sources: list[dict]
+    skipped: list[dict]
 
 
 @ray.remote
@@ -313,52 +370,79 @@ def stored_shards(path: str, bounds: list[tuple[int, int]]) -> list[GaussianStat
     return parts if len(parts) > 1 else parts[0]
 
 
-def _source_key(source: dict) -> tuple:
-    return os.path.abspath(source["path"]), source["start"], source["stop"]
+def _source_key(source: dict) -> str:
+    return os.path.abspath(source["path"])
 
 
-def _fit_units(out: Path, units, estimate, model, embedder, cluster, overwrite, address, checkpoint_dir, base: BaseModel | None = None) -> FitResult:
-    """Fit (or, with `base`, update) the model `out` on `units`: checkpoints, accumulate, write, publish."""
+def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder, base: BaseModel | None = None) -> FitResult:
+    """Fit (or, with `base`, update) the model `job.out` on `inputs`: checkpoints, accumulate, write, publish."""
     started = time.monotonic()
+    bad_inputs: list[tuple[str, str]] | None = [] if job.skip_bad_inputs else None
+    units, estimate = make_units(expand_inputs(inputs), bad=bad_inputs)
+    if not units:
+        raise VideoError(f"none of the {len(bad_inputs)} inputs can be decoded; the first: {bad_inputs[0][1]}")
     identity = _identity(model, embedder, units)
     if base:
         identity["base_model"] = {"path": os.path.abspath(base.path), "frames": base.frames}
-    with staged_output(out, overwrite) as staging, user_errors():
-        checkpoints = Checkpoints.open(Path(checkpoint_dir or default_checkpoint_dir(out)), identity)
-        connect(address)
+    with staged_output(job.out, job.overwrite) as staging, user_errors():
+        checkpoints = Checkpoints.open(Path(job.checkpoint_dir or default_checkpoint_dir(job.out)), identity)
+        connect(job.address)
         held = []
         if base:
-            bounds = shard_bounds(embedder.positions, embedder.dims, cluster.shard_bytes)
+            bounds = shard_bounds(embedder.positions, embedder.dims, job.cluster.shard_bytes)
             refs = stored_shards.options(num_returns=len(bounds)).remote(str(base.path), bounds)
             held.append(Partial(refs if isinstance(refs, list) else [refs], Accounting(), base.frames))
         try:
-            accumulated = _accumulate_units(units, model, embedder, cluster, checkpoints, held, math.ceil(estimate / model.frame_stride))
-        except KeyboardInterrupt:
-            log.error("fit interrupted: progress is kept in %s; rerun the same command to resume", checkpoints.path)
+            accumulated = _accumulate_units(units, model, embedder, job, checkpoints, held, math.ceil(estimate / model.frame_stride))
+        except BaseException:
+            checkpoints.remove_if_empty()
+            if checkpoints.path.exists():
+                log.error("fit stopped: progress is kept in %s; rerun the same command to resume", checkpoints.path)
             raise
-        frames = _write_model(staging, accumulated, units, model, embedder, base.frames if base else 0)
-        sources = (base.sources if base else []) + [
-            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in units
+        good = [u for u in units if u.uid not in accumulated.bad_units]
+        frames = _write_model(staging, accumulated, good, model, embedder, base.frames if base else 0)
+        skipped = [
+            {"path": path, "reason": reason} for path, reason in (bad_inputs or []) + _bad_unit_reasons(units, accumulated.bad_units, model)
         ]
-        set_model_attributes(staging, _attributes(model, embedder, sources, frames))
-        publish(staging, out, overwrite)
+        sources = (base.sources if base else []) + [
+            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
+        ]
+        set_model_attributes(staging, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
+        publish(staging, job.out, job.overwrite)
         checkpoints.remove()
     seconds = time.monotonic() - started
-    log.info("fit: %d frames in %.1f s -> %s", frames, seconds, out)
-    return FitResult(out=out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors)
+    log.info("fit: %d frames in %.1f s -> %s", frames, seconds, job.out)
+    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped)
 
 
-def _accumulate_units(units, model, embedder, cluster, checkpoints, held, expected) -> Accumulated:
+@ray.remote
+def bad_unit_reason(unit: WorkUnit, size: int, stride: int) -> str:
+    """Why a unit the decoder marked bad cannot be decoded (decoding it again)."""
+    try:
+        for _ in iter_unit_frames(unit, stride, size):
+            pass
+    except VideoError as err:
+        return str(err)
+    return f"decoding {unit.path} failed once and succeeded when retried; check the file and the node that read it"
+
+
+def _bad_unit_reasons(units: list[WorkUnit], bad: set[int], model: ModelConfig) -> list[tuple[str, str]]:
+    bad_units = [u for u in units if u.uid in bad]
+    reasons = ray.get([bad_unit_reason.remote(u, model.image_size, model.frame_stride) for u in bad_units])
+    return [(u.path, reason) for u, reason in zip(bad_units, reasons)]
+
+
+def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, expected) -> Accumulated:
     """accumulate() over decoded video frames."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
 
     def frames_for(todo: dict[int, np.ndarray]):
         todo_units = [u for u in units if u.uid in todo]
         skip = {uid: used for uid, used in todo.items() if len(used)}
-        return frames_dataset(todo_units, model.image_size, model.frame_stride, cluster.decode_batch, skip)
+        return frames_dataset(todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs)
 
     make_embedder = functools.partial(Embedder, model)
-    return accumulate(frames_for, units, make_embedder, embedder.positions, embedder.dims, cluster, checkpoints, held, expected)
+    return accumulate(frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected)
 
 
 def _write_model(staging: Path, accumulated: Accumulated, units, model: ModelConfig, embedder: Embedder, held_frames: int) -> int:
@@ -383,7 +467,7 @@ def _identity(model: ModelConfig, embedder: Embedder, units: list[WorkUnit]) -> 
     }
 
 
-def _attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], frames: int) -> dict:
+def _attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], frames: int, skipped: list[dict]) -> dict:
     spec = embedder.spec
     return {
         "package_version": version("padim-ray"),
@@ -400,4 +484,5 @@ def _attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], fra
         "eps": model.eps,
         "frames": frames,
         "sources": sources,
+        "skipped_inputs": skipped,
     }

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from padim_ray.accounting import Accounting
 from padim_ray.config import ClusterConfig
 from padim_ray.errors import PadimError
+from padim_ray.video import BAD_UNIT
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,12 @@ class SplitConsumer:
     def consume(self, split, batch_size: int):
         """Process every batch of `split`; returns (accounting of every split so far, self.result())."""
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            bad = batch["unit_total"] == BAD_UNIT
+            if bad.any():
+                self.accounting.add_bad(batch["unit"][bad])
+                batch = {column: values[~bad] for column, values in batch.items()}
+                if not len(batch["unit"]):
+                    continue
             self.process(batch)
             self.accounting.add_batch(batch["unit"], batch["index"], batch["unit_total"])
             self.batch_done()

@@ -28,6 +28,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 FRAMES_PER_FOLDER_UNIT = 256  # folders of frames are split into units this long for parallelism
 TRUNCATION_TOLERANCE = 1  # frames a header may over-report without the file being cut off
 NOT_LAST = -1  # `unit_total` of every row but a unit's last
+BAD_UNIT = -2  # `unit_total` of the one row that says a unit could not be decoded (--skip-bad-inputs)
 
 
 class VideoError(PadimError):
@@ -107,26 +108,39 @@ def declared_frames(path: str | Path) -> int:
         return 0
 
 
-def make_units(inputs: list[Path], folder_unit_frames: int = FRAMES_PER_FOLDER_UNIT) -> tuple[list[WorkUnit], int]:
+def make_units(
+    inputs: list[Path], folder_unit_frames: int = FRAMES_PER_FOLDER_UNIT, bad: list[tuple[str, str]] | None = None
+) -> tuple[list[WorkUnit], int]:
     """Cut inputs into work units and estimate their total frames (from headers, for progress only).
 
     Folders are cut every `folder_unit_frames` files (callers that write chunked output pass a
-    multiple of their chunk length, so units start on chunk boundaries).
+    multiple of their chunk length, so units start on chunk boundaries). An input that cannot be
+    opened raises a VideoError, or with a `bad` list is left out and listed there as (path, reason).
     """
     units: list[WorkUnit] = []
     for path in inputs:
-        if path.is_dir():
-            files = frame_files(path)
-            height, width = read_frame(files[0]).shape[:2]  # validates the format now, before any cluster work
-            for start in range(0, len(files), folder_unit_frames):
-                stop = min(start + folder_unit_frames, len(files))
-                units.append(WorkUnit(len(units), str(path), start, stop, stop - start, height, width))
-        else:
-            reader = open_video(path)  # validates the header now, before any cluster work
-            height, width = reader[0].shape[:2] if len(reader) else (0, 0)
-            units.append(WorkUnit(len(units), str(path), frames=len(reader), height=height, width=width))
-            del reader
+        try:
+            units.extend(_input_units(path, len(units), folder_unit_frames))
+        except VideoError as err:
+            if bad is None:
+                raise
+            bad.append((str(path), str(err)))
     return units, sum(u.frames for u in units)
+
+
+def _input_units(path: Path, first_uid: int, folder_unit_frames: int) -> list[WorkUnit]:
+    if path.is_dir():
+        files = frame_files(path)
+        height, width = read_frame(files[0]).shape[:2]  # validates the format now, before any cluster work
+        starts = range(0, len(files), folder_unit_frames)
+        return [
+            WorkUnit(first_uid + i, str(path), start, min(start + folder_unit_frames, len(files)),
+                     min(folder_unit_frames, len(files) - start), height, width)
+            for i, start in enumerate(starts)
+        ]
+    reader = open_video(path)  # validates the header now, before any cluster work
+    height, width = reader[0].shape[:2] if len(reader) else (0, 0)
+    return [WorkUnit(first_uid, str(path), frames=len(reader), height=height, width=width)]
 
 
 def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -193,43 +207,58 @@ def frame_size(file: Path) -> tuple[int, int]:
         raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
 
 
-def decode_units(batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None = None) -> Iterator[dict]:
+def decode_units(
+    batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False
+) -> Iterator[dict]:
     """Ray Data map_batches generator: work units in, blocks of resized frames out.
 
     Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
     input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
     frames the unit produced. Blocks hold up to `rows_per_block` frames. Frames whose index is in
-    `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted.
+    `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted. With
+    `skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is BAD_UNIT instead
+    of raising (rows emitted before the failure must then be discarded by the consumer's caller).
     """
     for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
         unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
         done = set(skip[unit.uid].tolist()) if skip and unit.uid in skip else set()
-        pending: dict | None = None
-        produced = 0
-        last_emitted = False  # whether the unit's last frame is in `pending`
-        indices: list[int] = []
-        frames: list[np.ndarray] = []
-        for index, frame in iter_unit_frames(unit, stride, size):
-            produced += 1
-            last_emitted = index not in done
-            if last_emitted:
-                indices.append(index)
-                frames.append(frame)
-            if len(frames) == rows_per_block:
-                if pending is not None:
-                    yield pending
-                pending = _block(unit, indices, frames)
-                indices, frames = [], []
-        if frames:
+        try:
+            yield from _decode_unit(unit, size, stride, rows_per_block, done)
+        except VideoError:
+            if not skip_bad:
+                raise
+            marker = _block(unit, [-1], [np.zeros((size, size, 3), dtype=np.uint8)])
+            marker["unit_total"][:] = BAD_UNIT
+            yield marker
+
+
+def _decode_unit(unit: WorkUnit, size: int, stride: int, rows_per_block: int, done: set[int]) -> Iterator[dict]:
+    pending: dict | None = None
+    produced = 0
+    last_emitted = False  # whether the unit's last frame is in `pending`
+    indices: list[int] = []
+    frames: list[np.ndarray] = []
+    for index, frame in iter_unit_frames(unit, stride, size):
+        produced += 1
+        last_emitted = index not in done
+        if last_emitted:
+            indices.append(index)
+            frames.append(frame)
+        if len(frames) == rows_per_block:
             if pending is not None:
                 yield pending
             pending = _block(unit, indices, frames)
-        if produced == 0:
-            raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
+            indices, frames = [], []
+    if frames:
         if pending is not None:
-            if last_emitted:
-                pending["unit_total"][-1] = produced
             yield pending
+        pending = _block(unit, indices, frames)
+    if produced == 0:
+        raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
+    if pending is not None:
+        if last_emitted:
+            pending["unit_total"][-1] = produced
+        yield pending
 
 
 def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict:
@@ -241,10 +270,13 @@ def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict
     }
 
 
-def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block: int, skip: dict | None = None):
+def frames_dataset(
+    units: list[WorkUnit], size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False
+):
     """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs.
 
-    `skip` maps unit ids to frame indices to leave out (see decode_units).
+    `skip` maps unit ids to frame indices to leave out; `skip_bad` marks units that fail to decode
+    instead of failing (see decode_units).
     """
     import ray
 
@@ -252,7 +284,7 @@ def frames_dataset(units: list[WorkUnit], size: int, stride: int, rows_per_block
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         decode_units,
         batch_size=1,
-        fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip},
+        fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip, "skip_bad": skip_bad},
     )
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from padim_ray.cli import app
 from padim_ray.store import open_model
+from conftest import relative_error
 
 SMALL_FIT = ["--weights", "none", "--image-size", "64", "--dims", "16", "--actors", "1", "--cpus-per-actor", "0.5"]
 
@@ -112,3 +113,52 @@ def test_unknown_backbone_lists_the_valid_ones(stc_root, tmp_path):
 
 def test_fit_videos_needs_paths_and_out(tmp_path):
     assert_clean_failure(run("fit", "videos", "--out", tmp_path / "m"), "PATHS and --out")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unreadable"])
+def test_skip_bad_inputs_fits_the_rest_and_says_what_was_left_out(ray_local, broken_root, small_model, tmp_path, damage):
+    good = broken_root / "training" / "videos" / "01_001.avi"
+    bad = broken_root / "training" / "videos" / "01_003.avi"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2] if damage == "truncated" else b"not a video" * 1000)
+    out = tmp_path / "model"
+    result = run("fit", "stc", "--scene", "01", "--root", broken_root, "--out", out, *SMALL_FIT, "--skip-bad-inputs")
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("skipped 1 input(s) that cannot be decoded") and last[1].startswith(f"  {bad}: ")
+    assert ("is truncated" if damage == "truncated" else "cannot open video") in last[1]
+    model, reference = open_model(out), open_model(small_model)  # small_model: 01_001 and 01_002 only
+    assert model.attrs["skipped_inputs"] == [{"path": str(bad), "reason": last[1].split(": ", 1)[1]}]
+    assert [Path(s["path"]).name for s in model.attrs["sources"]] == ["01_001.avi", "01_002.avi"]
+    assert model.attrs["frames"] == 60
+    for name in ("mean", "m2"):
+        assert relative_error(model.read(name), reference.read(name)) <= 1e-9, name
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--dims", "0", "--dims must be at least 1"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--actors", "0", "--actors must be at least 1"),
+    ("--image-size", "7", "--image-size must be a multiple of 16 of at least 32"),
+    ("--frame-stride", "0", "--frame-stride must be at least 1"),
+    ("--fan-in", "1", "--fan-in must be at least 2"),
+    ("--max-retries", "-1", "--max-retries must be at least 0"),
+    ("--checkpoint-every", "-5", "--checkpoint-every must be at least 0 seconds"),
+])
+def test_numeric_options_are_checked_before_any_cluster_work(stc_root, tmp_path, option, value, message):
+    out = tmp_path / "model"
+    args = ["fit", "stc", "--scene", "01", "--root", stc_root, "--out", out, "--weights", "none", option, value]
+    result = run(*args, "--address", "ray://127.0.0.1:1")  # connecting would fail: the check comes first
+    assert_clean_failure(result, message, f"got {value}", out=out)
+
+
+def test_failures_inside_ray_end_in_one_line_with_the_traceback_in_a_file(ray_local, small_model, stc_root, tmp_path):
+    model, out = tmp_path / "model", tmp_path / "maps"
+    shutil.copytree(small_model, model)
+    for chunk in (model / "precision" / "c").rglob("*"):  # arrays read inside the score actors fail there
+        if chunk.is_file():
+            chunk.write_bytes(b"garbage")
+    result = run("score", model, stc_root / "testing" / "frames" / "01_0001", "--out", out, "--actors", "1", "--cpus-per-actor", "0.5")
+    assert_clean_failure(result, "traceback in ", "--verbose shows it", out=out)
+    log_file = result.stderr.strip().split("traceback in ")[1].split(";")[0]
+    assert "Traceback" in Path(log_file).read_text()
