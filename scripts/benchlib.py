@@ -294,10 +294,11 @@ def embedder_row(videos: dict[int, Path]) -> Row:
     return measure_row("padim-ray embedder alone", videos, lambda n, video: component("embedder", video))
 
 
-def against_bare(doc: str, name: str, command, prepare=None) -> None:
+def against_bare(doc: str, name: str, command, prepare=None, variants: dict | None = None) -> None:
     """A benchmark's main: decode-only, the bare backbone and `command(n, video, tmp)`, each at both counts.
 
-    `prepare(videos, tmp)` runs first, untimed (e.g. the fit a scoring benchmark needs).
+    `prepare(videos, tmp)` runs first, untimed (e.g. the fit a scoring benchmark needs); `variants`
+    (row name -> command like `command`) are measured after it, in the same run.
     """
     args = parse_args(doc, name)
     videos = footage(args.frames, args.source, args.cache)
@@ -305,8 +306,9 @@ def against_bare(doc: str, name: str, command, prepare=None) -> None:
         if prepare:
             prepare(videos, tmp)
         decode, bare, embedder = decode_row(videos), bare_row(videos), embedder_row(videos)
-        row = measure_row(f"padim-ray {name}", videos, lambda n, video: command(n, video, tmp))
-    report(name, [decode, bare, embedder, row], bare, args.json)
+        commands = {f"padim-ray {name}": command, **(variants or {})}
+        rows = [measure_row(row, videos, lambda n, video, run=run: run(n, video, tmp)) for row, run in commands.items()]
+    report(name, [decode, bare, embedder, *rows], bare, args.json)
 
 
 def report(name: str, rows: list[Row], bare: Row, json_path: Path, extra: dict | None = None, notes: list[str] = ()) -> None:

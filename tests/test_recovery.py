@@ -92,8 +92,9 @@ def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_pa
     assert list((tmp_path / "checkpoints").glob("actor-*.npz"))  # the lost actor's work is kept for a rerun
 
 
-def test_killed_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
-    """SIGKILL `padim-ray fit` after its first checkpoint; the same command resumes and equals an uninterrupted fit."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request, stop):
+    """Stop `padim-ray fit` after its first checkpoint; the same command resumes and equals an uninterrupted fit."""
     out = tmp_path / "model"
     ray_tmp = tempfile.mkdtemp(prefix="prr-")  # the CLI's own local Ray, apart from the session's
     command = [
@@ -108,9 +109,14 @@ def test_killed_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, r
     deadline = time.monotonic() + 180
     while not list(checkpoints.glob("actor-*.npz")) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert driver.returncode == -signal.SIGKILL, driver.stdout.read()[-2000:]  # killed mid-fit, not finished
+    driver.send_signal(stop)
+    output = driver.communicate(timeout=120)[0]
+    if stop == signal.SIGKILL:
+        assert driver.returncode == -signal.SIGKILL, output[-2000:]  # killed mid-fit, not finished
+    else:
+        assert driver.returncode == 130, output[-2000:]
+        assert output.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in output
+        assert f"progress is kept in {checkpoints}; rerun the same command to resume" in output
     assert not out.exists() and list(checkpoints.glob("actor-*.npz"))
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
