@@ -62,8 +62,20 @@ class Checkpoints:
         return cls(path)
 
     def files(self) -> list[Path]:
-        """Every actor's last checkpoint, from this run and earlier ones."""
-        return sorted(self.path.glob("actor-*.npz"))
+        """Every checkpoint: each actor's last one and those taken over from lost actors, of every run."""
+        return sorted(self.path.glob("actor-*.npz")) + self.claimed_files()
+
+    def claim(self, file: str) -> Path:
+        """Take over a lost actor's checkpoint: mark it so the actor, if it is still running after
+        all, saves no more (see StatsActor.batch_done), and rename it out of its way."""
+        Path(lost_marker(file)).touch()
+        claimed = Path(file).with_name(f"claimed-{Path(file).name}")
+        if Path(file).is_file():
+            os.replace(file, claimed)
+        return claimed
+
+    def claimed_files(self) -> list[Path]:
+        return sorted(self.path.glob("claimed-actor-*.npz"))
 
     def new_file(self) -> str:
         """A fresh checkpoint file name for one actor."""
@@ -71,27 +83,38 @@ class Checkpoints:
 
     def remove_if_empty(self) -> None:
         """Remove the folder unless it holds progress worth resuming from (a failed fit's)."""
-        if not self.files():
+        if not self.files() and not self.claimed_files():
             self.remove()
 
     def remove(self) -> None:
-        """Remove the folder: the fit is published."""
-        for file in self.path.iterdir():
-            file.unlink(missing_ok=True)
-        self.path.rmdir()
+        """Remove this fit's files (only those: the folder may be a user's), and the folder if then empty."""
+        for pattern in (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp"):
+            for file in self.path.glob(pattern):
+                file.unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # holds files of the user's
+
+
+def lost_marker(file: str) -> str:
+    """The file whose existence tells a stats actor that the driver took its checkpoint over."""
+    return f"{file}.lost"
 
 
 def save_checkpoint(file: str, accumulator: StatsAccumulator, accounting: Accounting) -> None:
     """Replace `file` with the accumulator and its accounting, atomically (a crash keeps the old one)."""
-    _write_atomically(Path(file), lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
+    try:
+        _write_atomically(Path(file), lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {file} ({err.strerror}); free space there or pass another --checkpoint-dir") from None
 
 
 @ray.remote
 def checkpoint_shards(file: str, bounds: list[tuple[int, int]]) -> list:
     """A checkpoint's accounting, then its statistics split into position shards (as StatsActor.shards).
 
-    Both come from one read of the file, so they agree even if its actor, thought lost, saved again.
-    Call with num_returns=len(bounds) + 1; the refs are owned by the caller.
+    Both come from one read of the file. Call with num_returns=len(bounds) + 1; the refs are owned by the caller.
     """
     with np.load(file) as arrays:
         accounting = Accounting.from_arrays(arrays)

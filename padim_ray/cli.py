@@ -70,6 +70,7 @@ def _one_line_errors():
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         log_file = _write_traceback(error)
+        error = getattr(error, "cause", None) or error  # a task's or actor's own exception, not Ray's wrapper
         lines = str(error).strip().splitlines()
         typer.echo(f"error: {type(error).__name__}: {lines[0][:300] if lines else ''} (traceback in {log_file}; --verbose shows it)", err=True)
         raise typer.Exit(code=1) from None

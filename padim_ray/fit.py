@@ -19,9 +19,9 @@ import torch
 from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
-from padim_ray.errors import PadimError
+from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
-from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, save_checkpoint
+from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
@@ -58,6 +58,9 @@ class StatsActor(SplitConsumer):
 
     def batch_done(self) -> None:
         if self.checkpoint_file and time.monotonic() - self.saved_at >= self.checkpoint_every:
+            if Path(lost_marker(self.checkpoint_file)).exists():  # the driver took this actor for lost
+                self.checkpoint_file, self.stopping = None, True
+                return
             save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
             self.saved_at = time.monotonic()
 
@@ -129,8 +132,8 @@ class Accumulated:
 class StatsPool:
     """The live stats actors (with their checkpoint files and last outcomes) and the partials outside them."""
 
-    def __init__(self, partials: list[Partial], bounds: list[tuple[int, int]], progress: Progress):
-        self.partials, self.bounds, self.progress = partials, bounds, progress
+    def __init__(self, partials: list[Partial], bounds: list[tuple[int, int]], progress: Progress, checkpoints: Checkpoints | None):
+        self.partials, self.bounds, self.progress, self.checkpoints = partials, bounds, progress, checkpoints
         self.actors: list = []
         self.files: list = []
         self.outcomes: list = []  # per live actor: (accounting, frames in its statistics)
@@ -144,9 +147,11 @@ class StatsPool:
     def drop(self, indices: list[int], bad: set[int]) -> None:
         """Kill these actors; keep each one's last checkpoint as a partial unless it holds frames of `bad` units."""
         for i in indices:
-            ray.kill(self.actors[i])  # an actor only thought lost must not save again
-            if self.files[i] and Path(self.files[i]).is_file():
-                self.partials.append(Partial.from_checkpoint(Path(self.files[i]), self.bounds))
+            ray.kill(self.actors[i])
+            if self.files[i]:
+                claimed = self.checkpoints.claim(self.files[i])  # one only unreachable, not dead, saves no more
+                if claimed.is_file():
+                    self.partials.append(Partial.from_checkpoint(claimed, self.bounds))
         self.actors, self.files, self.outcomes = (
             [x for i, x in enumerate(seq) if i not in indices] for seq in (self.actors, self.files, self.outcomes)
         )
@@ -184,13 +189,13 @@ def accumulate(
     and the files in `checkpoints` (an earlier run's) are merged in and their frames not redone.
     When actors are lost, the frames they held since their last checkpoint are redone on the others
     (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A unit the
-    decoder marks undecodable is left out: every accumulator that holds frames of it is discarded
-    (back to its last clean checkpoint) and its other frames redone.
+    decoder marks undecodable is left out: every accumulator that holds frames of it is discarded,
+    with its checkpoint if that holds some too, and the frames it held are redone.
     Only the caller owns the returned refs; the driver never fetches statistics.
     """
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
     partials = list(held) + [Partial.from_checkpoint(file, bounds) for file in (checkpoints.files() if checkpoints else [])]
-    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit"))
+    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit"), checkpoints)
     if pool.progress.held:
         log.info("fit: resuming with %d frames already held (%s)", pool.progress.held, checkpoints.path if checkpoints else "model")
     bad: set[int] = set()
@@ -217,12 +222,17 @@ def accumulate(
             pool.outcomes, lost_now = outcomes, bool(dead)
             if dead:
                 lost += len(dead)
-                cause = _first_line(outcomes[dead[0]])
+                cause = first_line(outcomes[dead[0]])
                 log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
                 pool.drop(dead, bad)
                 if lost > cluster.max_retries:
+                    good = [u for u in units if u.uid not in bad]
+                    unfinished = len(pool.accounting().unfinished(good))
                     where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
-                    raise FitLostError(f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {where}")
+                    raise FitLostError(
+                        f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); "
+                        f"{unfinished} of {len(good)} work units are unfinished; {where}"
+                    )
         accounting = pool.accounting()
         count = sum(p.count for p in pool.partials) + sum(frames for _, frames in pool.outcomes)
         if count != accounting.count + sum(p.count - p.accounting.count for p in pool.partials):
@@ -253,11 +263,6 @@ def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConf
     ]
     log.info("fit: %d actors (%s)", len(plan), describe_plan(plan))
     return actors, files
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 @ray.remote
@@ -380,35 +385,37 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
     bad_inputs: list[tuple[str, str]] | None = [] if job.skip_bad_inputs else None
     units, estimate = make_units(expand_inputs(inputs), bad=bad_inputs)
     if not units:
-        raise VideoError(f"none of the {len(bad_inputs)} inputs can be decoded; the first: {bad_inputs[0][1]}")
-    identity = _identity(model, embedder, units)
+        raise VideoError(f"none of the inputs can be decoded ({bad_inputs[0][1] if bad_inputs else 'no inputs'})")
+    identity = {**_identity(model, embedder, units), "skip_bad_inputs": job.skip_bad_inputs}
     if base:
-        identity["base_model"] = {"path": os.path.abspath(base.path), "frames": base.frames}
+        identity["base_model"] = {"path": str(base.path.resolve()), "frames": base.frames}
+    # absolute: actors write checkpoints from their own working directories
+    checkpoint_dir = Path(job.checkpoint_dir or default_checkpoint_dir(job.out)).resolve()
     with staged_output(job.out, job.overwrite) as staging, user_errors():
-        checkpoints = Checkpoints.open(Path(job.checkpoint_dir or default_checkpoint_dir(job.out)), identity)
-        connect(job.address)
-        held = []
-        if base:
-            bounds = shard_bounds(embedder.positions, embedder.dims, job.cluster.shard_bytes)
-            refs = stored_shards.options(num_returns=len(bounds)).remote(str(base.path), bounds)
-            held.append(Partial(refs if isinstance(refs, list) else [refs], Accounting(), base.frames))
+        checkpoints = Checkpoints.open(checkpoint_dir, identity)
         try:
-            accumulated = _accumulate_units(units, model, embedder, job, checkpoints, held, math.ceil(estimate / model.frame_stride))
+            connect(job.address)
+            held = []
+            if base:
+                bounds = shard_bounds(embedder.positions, embedder.dims, job.cluster.shard_bytes)
+                refs = stored_shards.options(num_returns=len(bounds)).remote(str(base.path.resolve()), bounds)
+                held.append(Partial(refs if isinstance(refs, list) else [refs], Accounting(), base.frames))
+            expected = math.ceil(estimate / model.frame_stride) + (base.frames if base else 0)
+            accumulated = _accumulate_units(units, model, embedder, job, checkpoints, held, expected)
+            good = [u for u in units if u.uid not in accumulated.bad_units]
+            frames = _write_model(staging, accumulated, good, model, embedder, base.frames if base else 0)
+            bad_decodes = _bad_unit_reasons(units, accumulated.bad_units, model)
+            skipped = [{"path": path, "reason": reason} for path, reason in (bad_inputs or []) + bad_decodes]
+            sources = (base.sources if base else []) + [
+                {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
+            ]
+            set_model_attributes(staging, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
+            publish(staging, job.out, job.overwrite)
         except BaseException:
             checkpoints.remove_if_empty()
             if checkpoints.path.exists():
                 log.error("fit stopped: progress is kept in %s; rerun the same command to resume", checkpoints.path)
             raise
-        good = [u for u in units if u.uid not in accumulated.bad_units]
-        frames = _write_model(staging, accumulated, good, model, embedder, base.frames if base else 0)
-        skipped = [
-            {"path": path, "reason": reason} for path, reason in (bad_inputs or []) + _bad_unit_reasons(units, accumulated.bad_units, model)
-        ]
-        sources = (base.sources if base else []) + [
-            {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
-        ]
-        set_model_attributes(staging, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
-        publish(staging, job.out, job.overwrite)
         checkpoints.remove()
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, job.out)

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -149,10 +150,15 @@ class SplitConsumer:
 
     def __init__(self):
         self.accounting = Accounting()
+        self.stopping = False
+        self.stream = None  # which stream_to_actors call the split in hand belongs to
 
-    def consume(self, split, batch_size: int):
-        """Process every batch of `split`; returns (accounting of every split so far, self.result())."""
+    def consume(self, split, batch_size: int, stream: str | None = None):
+        """Process every batch of `split` (until `stop(stream)`); returns (accounting of every split so far, self.result())."""
+        self.stopping, self.stream = False, stream
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            if self.stopping:
+                break
             bad = batch["unit_total"] == BAD_UNIT
             if bad.any():
                 self.accounting.add_bad(batch["unit"][bad])
@@ -170,6 +176,11 @@ class SplitConsumer:
     def progress(self) -> int:
         """Frames processed so far (answered while consume runs: actors need max_concurrency=2)."""
         return self.accounting.count
+
+    def stop(self, stream: str) -> None:
+        """Make consume of `stream` return after the batch in hand (another actor of it was lost)."""
+        if stream == self.stream:  # a late stop of an earlier stream must not cut this one short
+            self.stopping = True
 
 
 class Progress:
@@ -198,14 +209,25 @@ class Progress:
 def stream_to_actors(dataset, actors: list, batch_size: int, progress: Progress) -> list:
     """Hand one streaming split of `dataset` to each SplitConsumer actor and wait for all of them.
 
-    A lost actor does not stop the others: they take the rest of the stream.
+    Only actors that started get a split (the splits wait for each other to start). When one
+    fails, the others are stopped after their current batch: the rest of the stream would keep
+    feeding the dead one's split, so the caller redoes what is unfinished in a new pass.
 
     Returns:
-        Per actor, in order: its (accounting, result), or the Ray exception that ended its consume.
+        Per actor, in order: its (accounting, result), or the Ray exception that ended it.
     """
-    splits = dataset.streaming_split(len(actors), equal=False)  # equal=True would drop rows
-    pending = {actor.consume.remote(split, batch_size): i for i, (actor, split) in enumerate(zip(actors, splits))}
     outcomes: list = [None] * len(actors)
+    for index, actor in enumerate(actors):
+        try:
+            ray.get(actor.__ray_ready__.remote())
+        except ray.exceptions.RayError as err:
+            outcomes[index] = err
+    started = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if not started:
+        return outcomes
+    splits = dataset.streaming_split(len(started), equal=False)  # equal=True would drop rows
+    stream = uuid.uuid4().hex
+    pending = {actors[i].consume.remote(split, batch_size, stream): i for i, split in zip(started, splits)}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
         for ref in ready:
@@ -214,6 +236,8 @@ def stream_to_actors(dataset, actors: list, batch_size: int, progress: Progress)
                 outcomes[index] = ray.get(ref)
             except ray.exceptions.RayError as err:
                 outcomes[index] = err
+                for other in pending.values():
+                    actors[other].stop.remote(stream)
         progress.poll([actor for actor, outcome in zip(actors, outcomes) if not isinstance(outcome, BaseException)])
     return outcomes
 

@@ -50,8 +50,9 @@ def make_staging(out: Path, overwrite: bool) -> Path:
     parent = out.parent
     if not parent.is_dir():
         raise StoreError(f"output folder {parent} does not exist; create it or choose another --out")
-    for leftover in parent.glob(f".{out.name}.partial-*"):  # of a run that was killed before it could clean up
-        remove_tree(leftover)
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):  # of a run killed before it could clean up
+        for leftover in parent.glob(pattern):
+            remove_tree(leftover)
     staging = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from padim_ray.errors import PadimError
+from padim_ray.errors import PadimError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def open_video(path: str | Path, size: int | None = None):
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **scale)
     except Exception as err:
-        raise VideoError(f"cannot open video {path} ({_first_line(err)}); is it a complete, readable video file?") from None
+        raise VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?") from None
 
 
 def declared_frames(path: str | Path) -> int:
@@ -157,7 +157,7 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
             except StopIteration:
                 break
             except Exception as err:
-                raise VideoError(f"video {unit.path} is corrupt at frame {index} ({_first_line(err)}); re-encode or remove it") from None
+                raise VideoError(f"video {unit.path} is corrupt at frame {index} ({first_line(err)}); re-encode or remove it") from None
             if index % stride == 0:
                 yield index, frame.asnumpy()
             index += 1
@@ -193,7 +193,7 @@ def read_frame(file: Path, size: int | None = None, native: tuple[int, int] | No
                 )
             return np.asarray(image.resize((size, size), Image.BILINEAR) if size else image)
     except OSError as err:
-        raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
+        raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None
 
 
 def frame_size(file: Path) -> tuple[int, int]:
@@ -204,7 +204,7 @@ def frame_size(file: Path) -> tuple[int, int]:
         with Image.open(file) as image:
             return image.height, image.width
     except OSError as err:
-        raise VideoError(f"cannot read frame {file} ({_first_line(err)})") from None
+        raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None
 
 
 def decode_units(
@@ -286,8 +286,3 @@ def frames_dataset(
         batch_size=1,
         fn_kwargs={"size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip, "skip_bad": skip_bad},
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else err.__class__.__name__

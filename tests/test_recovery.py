@@ -86,10 +86,10 @@ def test_killed_stats_actor_is_redone_from_its_checkpoint(ray_local, undisturbed
 
 def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_path):
     cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, max_retries=0, **CHECKPOINT_EACH_BATCH)
-    with pytest.raises(FitLostError, match=r"1 stats actors were lost, more than --max-retries 0 .*rerun the same command to resume") as error:
+    with pytest.raises(FitLostError, match=r"1 stats actors were lost, more than --max-retries 0 .*; \d+ of 15 work units are unfinished; .*rerun the same command to resume") as error:
         run_fit(cluster, tmp_path / "checkpoints", kill=True)
     assert "\n" not in str(error.value)
-    assert list((tmp_path / "checkpoints").glob("actor-*.npz"))  # the lost actor's work is kept for a rerun
+    assert Checkpoints(tmp_path / "checkpoints").files()  # the lost actor's work is kept for a rerun
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
@@ -166,3 +166,14 @@ def test_update_refuses_a_model_this_version_cannot_reproduce(small_model, stc_r
     with pytest.raises(StoreError, match=r"was fitted with other weights identity .*cannot be updated"):
         update_model(model, [scene_videos(stc_root, "01")[0]], force=True)
     assert open_model(model).attrs["frames"] == 60  # untouched
+
+
+broken_embedder = lambda device: int("this backbone cannot start")  # noqa: E731 (raises; by value, like the others)
+
+
+def test_actors_that_die_before_their_split_starts_do_not_hang_the_fit(ray_local):
+    """The splits of a stream wait for each other to start: an actor dead at start must not get one."""
+    frames_for, units = embeddings_dataset(EMBEDDINGS)
+    cluster = ClusterConfig(actors=2, cpus_per_actor=0.5, max_retries=2, batch_size=5)
+    with pytest.raises(FitLostError, match=r"4 stats actors were lost, more than --max-retries 2"):
+        accumulate(frames_for, units, broken_embedder, GRID[0] * GRID[1], DIMS, cluster)
