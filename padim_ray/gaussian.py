@@ -134,8 +134,8 @@ def merge_stats(a: GaussianStats, b: GaussianStats) -> GaussianStats:
     count = a.count + b.count
     delta = b.mean - a.mean  # (P, d)
     mean = a.mean + delta * (b.count / count)
-    outer = delta.unsqueeze(2) * delta.unsqueeze(1)  # (P, d, d)
-    m2 = a.m2 + b.m2 + outer * (a.count * b.count / count)
+    m2 = torch.add(a.m2, b.m2)  # the one new (P, d, d) tensor: inputs may be read-only views of Ray's object store
+    m2.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=a.count * b.count / count)  # batched rank-1, in place
     return GaussianStats(count=count, mean=mean, m2=m2)
 
 
