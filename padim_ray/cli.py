@@ -27,6 +27,7 @@ Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
 BatchSize = Annotated[int, typer.Option(help="Frames per forward pass.")]
 Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
+GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]
 CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
 CheckpointDir = Annotated[Optional[Path], typer.Option(help="Where progress is checkpointed (default: .OUT.checkpoint next to the output).")]
@@ -103,6 +104,7 @@ def fit(
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
+    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
     checkpoint_dir: CheckpointDir = None,
@@ -121,7 +123,7 @@ def fit(
     with _one_line_errors():
         model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
         cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         if source is Source.stc:
@@ -158,6 +160,7 @@ def update(
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
+    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
@@ -170,7 +173,7 @@ def update(
 
     with _one_line_errors():
         cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
@@ -191,6 +194,7 @@ def score(
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
+    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     address: Address = None,
 ) -> None:
@@ -198,7 +202,7 @@ def score(
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
-        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")

@@ -65,6 +65,7 @@ class ClusterConfig:
     checkpoint_every: float = 300.0  # seconds between checkpoints of each stats actor: an R18-Rd100 save
     #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
     max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
+    gpu_wait: float = 900.0  # seconds to wait for the autoscaler to add GPU workers (clusters that start from zero)
 
     def __post_init__(self):
         _require(self, {
@@ -77,6 +78,7 @@ class ClusterConfig:
             "decode_batch": (lambda v: v >= 1, "at least 1"),
             "checkpoint_every": (lambda v: v >= 0, "at least 0 seconds"),
             "max_retries": (lambda v: v >= 0, "at least 0"),
+            "gpu_wait": (lambda v: v >= 0, "at least 0 seconds"),
         })
 
 

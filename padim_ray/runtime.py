@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,9 +105,11 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
     else:
         actors = max(1, int((cpus - 1) // cpus_per_actor))
     if actors * gpus_per_actor > gpus:
+        gpus = wait_for_gpus(actors * gpus_per_actor, cluster.gpu_wait)
+    if actors * gpus_per_actor > gpus:
         raise ClusterError(
-            f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs; "
-            "lower --actors or --gpus-per-actor"
+            f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs, the cluster has {gpus:g} GPUs "
+            f"after waiting {cluster.gpu_wait:g} s for the autoscaler; lower --actors or --gpus-per-actor, or check its GPU node types"
         )
     if actors * cpus_per_actor > cpus - 1:
         raise ClusterError(
@@ -114,6 +118,26 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
         )
     threads = max(1, int(round(cpus_per_actor)))
     return [ActorSpec(cpus_per_actor, gpus_per_actor, threads) for _ in range(actors)]
+
+
+def wait_for_gpus(needed: float, timeout: float) -> float:
+    """Ask the autoscaler for `needed` GPUs (a cluster whose GPU workers start from zero) and wait
+    up to `timeout` seconds for them; returns the GPUs the cluster then has.
+
+    The request is withdrawn once they are there (or not): the actors about to start keep the nodes
+    busy, and idle nodes are released as usual afterwards.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * math.ceil(needed))
+    deadline = time.monotonic() + timeout
+    try:
+        while (gpus := ray.cluster_resources().get("GPU", 0.0)) < needed and time.monotonic() < deadline:
+            log.info("waiting for the autoscaler: %g of %g GPUs", gpus, needed)
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+    finally:
+        request_resources(bundles=[])
+    return ray.cluster_resources().get("GPU", 0.0)
 
 
 def decode_cpus(cluster: ClusterConfig, node_cpus: float) -> float:

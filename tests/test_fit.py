@@ -142,8 +142,8 @@ def test_accounting_catches_missing_extra_and_twice_used_frames():
 def test_actors_that_would_starve_decoding_are_refused(ray_local):
     with pytest.raises(ClusterError, match="fewer than 1 of the cluster's 4 CPUs for decoding"):
         plan_actors(ClusterConfig(actors=4, cpus_per_actor=1.0))
-    with pytest.raises(ClusterError, match="the cluster has 0 GPUs"):
-        plan_actors(ClusterConfig(actors=1, gpus_per_actor=1.0))
+    with pytest.raises(ClusterError, match="the cluster has 0 GPUs after waiting 1 s for the autoscaler"):
+        plan_actors(ClusterConfig(actors=1, gpus_per_actor=1.0, gpu_wait=1.0))
     plan = plan_actors(ClusterConfig())  # CPU cluster: one actor per node, torch on all its cores
     assert [(spec.num_cpus, spec.num_gpus, spec.threads) for spec in plan] == [(3.0, 0.0, 4)]
     assert plan[0].node_id == ray.get_runtime_context().get_node_id()
