@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -26,6 +25,7 @@ from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
+from padim_ray.storage import Location
 from padim_ray.store import StoreError, create_model_store, open_model, publish, set_model_attributes, staged_output, write_shard
 from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
@@ -376,7 +376,7 @@ def stored_shards(path: str, bounds: list[tuple[int, int]]) -> list[GaussianStat
 
 
 def _source_key(source: dict) -> str:
-    return os.path.abspath(source["path"])
+    return Location(source["path"]).uri
 
 
 def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder, base: BaseModel | None = None) -> FitResult:
@@ -470,7 +470,7 @@ def _identity(model: ModelConfig, embedder: Embedder, units: list[WorkUnit]) -> 
         "config": {**model.to_dict(), "dims": embedder.dims},
         "weights_identity": embedder.weights_identity,
         "channel_indices": embedder.channel_indices.tolist(),
-        "inputs": [[os.path.abspath(u.path), u.start, u.stop, u.frames] for u in units],
+        "inputs": [[Location(u.path).uri, u.start, u.stop, u.frames] for u in units],
     }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
 import numpy as np
 
 from padim_ray.errors import PadimError
+from padim_ray.storage import Location
 
 SCENE_PATTERN = re.compile(r"^\d{2}$")
 
@@ -16,9 +18,9 @@ class LayoutError(PadimError):
     """A dataset root that does not have the ShanghaiTech layout."""
 
 
-def scene_videos(root: str | Path, scene: str) -> list[Path]:
-    """The training videos `root/training/videos/SS_*.avi` of one scene, in order."""
-    root = Path(root)
+def scene_videos(root: str | Path | Location, scene: str) -> list[Location]:
+    """The training videos `root/training/videos/SS_*.avi` of one scene, in order (root local or a URI)."""
+    root = Location(root)
     if not SCENE_PATTERN.match(scene):
         raise LayoutError(f"scene {scene!r} is not a two-digit STC scene id like 01")
     if not root.is_dir():
@@ -26,7 +28,7 @@ def scene_videos(root: str | Path, scene: str) -> list[Path]:
     videos_dir = root / "training" / "videos"
     if not videos_dir.is_dir():
         raise LayoutError(f"{videos_dir} not found; --root must hold training/videos/SS_VVV.avi (ShanghaiTech layout)")
-    videos = sorted(videos_dir.glob(f"{scene}_*.avi"))
+    videos = [video for video in videos_dir.iterdir() if fnmatch.fnmatch(video.name, f"{scene}_*.avi")]
     if not videos:
         raise LayoutError(f"no training videos for scene {scene} in {videos_dir} (expected {scene}_001.avi, ...)")
     return videos

@@ -142,6 +142,12 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:
+        """A local Location is path-like (open(), Path(), numpy); a URI is not."""
+        if self.is_remote:
+            raise TypeError(f"{self.uri} is not a local path; open it through Location")
+        return self.uri
+
     def __truediv__(self, name: str) -> Location:
         name = str(name).strip("/")
         if self.is_remote:

@@ -12,7 +12,9 @@ small uint8 frames travel, and decode workers never import torch.
 from __future__ import annotations
 
 import logging
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from padim_ray.errors import PadimError, first_line
+from padim_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -49,67 +52,87 @@ class WorkUnit:
 
     @property
     def is_video(self) -> bool:
-        return Path(self.path).suffix.lower() in VIDEO_SUFFIXES
+        return _suffix(Location(self.path)) in VIDEO_SUFFIXES
 
 
-def _natural_key(path: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+def _natural_key(location: Location) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", location.name)]
 
 
-def frame_files(folder: Path) -> list[Path]:
-    """The image files of a frame folder, in natural order (2.jpg before 10.jpg)."""
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+def _suffix(location: Location) -> str:
+    return os.path.splitext(location.name)[1].lower()
 
 
-def expand_inputs(paths: list[str | Path]) -> list[Path]:
-    """Videos and frame folders named by `paths`; a folder of videos expands to its videos."""
-    found: list[Path] = []
+def frame_files(folder: Location | str | Path) -> list[Location]:
+    """The image files of a frame folder (local or in a bucket), in natural order (2.jpg before 10.jpg)."""
+    return sorted((p for p in Location(folder).iterdir() if _suffix(p) in IMAGE_SUFFIXES), key=_natural_key)
+
+
+def expand_inputs(paths: list[str | Path | Location]) -> list[Location]:
+    """Videos and frame folders named by `paths` (local paths or URIs); a folder of videos expands to its videos."""
+    found: list[Location] = []
     for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise VideoError(f"input {path} does not exist; pass video files or folders of frames")
-        if path.is_file():
-            if path.suffix.lower() not in VIDEO_SUFFIXES:
-                raise VideoError(f"input {path} is not a video ({', '.join(sorted(VIDEO_SUFFIXES))})")
-            found.append(path)
-        elif frame_files(path):
-            found.append(path)
+        location = Location(raw)
+        if not location.exists():
+            raise VideoError(f"input {location} does not exist; pass video files or folders of frames")
+        if location.is_file():
+            if _suffix(location) not in VIDEO_SUFFIXES:
+                raise VideoError(f"input {location} is not a video ({', '.join(sorted(VIDEO_SUFFIXES))})")
+            found.append(location)
+        elif frame_files(location):
+            found.append(location)
         else:
-            videos = sorted((p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES), key=_natural_key)
+            videos = sorted((p for p in location.iterdir() if _suffix(p) in VIDEO_SUFFIXES), key=_natural_key)
             if not videos:
-                raise VideoError(f"folder {path} holds neither frames nor videos; point at a folder of .jpg/.png or videos")
+                raise VideoError(f"folder {location} holds neither frames nor videos; point at a folder of .jpg/.png or videos")
             found.extend(videos)
     return found
 
 
-def open_video(path: str | Path, size: int | None = None):
-    """A decord VideoReader for `path` (decoding to size x size if given), or a VideoError naming the file."""
+@contextmanager
+def _readable(where: Location | str | Path):
+    """What decoders open: a local file's path, or a bucket object as a binary file object."""
+    location = Location(where)
+    if not location.is_remote:
+        yield location.path
+    else:
+        with location.open("rb") as handle:
+            yield handle
+
+
+def open_video(path: Location | str | Path, size: int | None = None):
+    """A decord VideoReader for `path` (decoding to size x size if given), or a VideoError naming the file.
+
+    A video in a bucket is read into memory first (decord copies a file object whole): one at a time.
+    """
     import decord
 
     scale = {"width": size, "height": size} if size else {}
-    try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **scale)
-    except Exception as err:
-        raise VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?") from None
+    with _readable(path) as source:
+        try:
+            return decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1, **scale)
+        except Exception as err:
+            raise VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?") from None
 
 
-def declared_frames(path: str | Path) -> int:
+def declared_frames(path: Location | str | Path) -> int:
     """The frame count the container's header declares (0 if it declares none).
 
     decord counts only what it can index, so a cut-off AVI looks complete to it; the header
-    (read with PyAV) still says how long the file should be.
+    (read with PyAV, which streams a bucket object with ranged reads) still says how long the file should be.
     """
     import av
 
-    try:
-        with av.open(str(path)) as container:
-            return container.streams.video[0].frames
-    except (av.FFmpegError, IndexError):
-        return 0
+    with _readable(path) as source:
+        try:
+            with av.open(source) as container:
+                return container.streams.video[0].frames
+        except (av.FFmpegError, IndexError):
+            return 0
 
 
 def make_units(
-    inputs: list[Path], folder_unit_frames: int = FRAMES_PER_FOLDER_UNIT, bad: list[tuple[str, str]] | None = None
+    inputs: list[Location | str | Path], folder_unit_frames: int = FRAMES_PER_FOLDER_UNIT, bad: list[tuple[str, str]] | None = None
 ) -> tuple[list[WorkUnit], int]:
     """Cut inputs into work units and estimate their total frames (from headers, for progress only).
 
@@ -128,19 +151,20 @@ def make_units(
     return units, sum(u.frames for u in units)
 
 
-def _input_units(path: Path, first_uid: int, folder_unit_frames: int) -> list[WorkUnit]:
+def _input_units(path: Location | str | Path, first_uid: int, folder_unit_frames: int) -> list[WorkUnit]:
+    path = Location(path)
     if path.is_dir():
         files = frame_files(path)
         height, width = read_frame(files[0]).shape[:2]  # validates the format now, before any cluster work
         starts = range(0, len(files), folder_unit_frames)
         return [
-            WorkUnit(first_uid + i, str(path), start, min(start + folder_unit_frames, len(files)),
+            WorkUnit(first_uid + i, path.uri, start, min(start + folder_unit_frames, len(files)),
                      min(folder_unit_frames, len(files) - start), height, width)
             for i, start in enumerate(starts)
         ]
     reader = open_video(path)  # validates the header now, before any cluster work
     height, width = reader[0].shape[:2] if len(reader) else (0, 0)
-    return [WorkUnit(first_uid, str(path), frames=len(reader), height=height, width=width)]
+    return [WorkUnit(first_uid, path.uri, frames=len(reader), height=height, width=width)]
 
 
 def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -165,14 +189,14 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
         if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
             raise VideoError(f"video {unit.path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
     else:
-        files = frame_files(Path(unit.path))
+        files = frame_files(unit.path)
         native = frame_size(files[0])  # every frame of an input must match its first
         for index, file in enumerate(files[unit.start : unit.stop], start=unit.start):
             if index % stride == 0:
                 yield index, read_frame(file, size, native)
 
 
-def read_frame(file: Path, size: int | None = None, native: tuple[int, int] | None = None) -> np.ndarray:
+def read_frame(file: Location | str | Path, size: int | None = None, native: tuple[int, int] | None = None) -> np.ndarray:
     """One image file as (H, W, 3) uint8 RGB, resized to (size, size) if given (antialiased bilinear).
 
     Other channel counts are an error, not converted; so is a native size other than `native` (H, W).
@@ -180,7 +204,7 @@ def read_frame(file: Path, size: int | None = None, native: tuple[int, int] | No
     from PIL import Image
 
     try:
-        with Image.open(file) as image:
+        with _readable(file) as source, Image.open(source) as image:
             if image.mode != "RGB":
                 raise VideoError(
                     f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
@@ -196,12 +220,12 @@ def read_frame(file: Path, size: int | None = None, native: tuple[int, int] | No
         raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None
 
 
-def frame_size(file: Path) -> tuple[int, int]:
+def frame_size(file: Location | str | Path) -> tuple[int, int]:
     """(H, W) of an image file, from its header."""
     from PIL import Image
 
     try:
-        with Image.open(file) as image:
+        with _readable(file) as source, Image.open(source) as image:
             return image.height, image.width
     except OSError as err:
         raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None

@@ -7,11 +7,13 @@ import logging
 import os
 import urllib.request
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from padim_ray.stc import LayoutError, scene_videos
 from padim_ray.storage import (
     WRITING_MARKER,
     Location,
@@ -22,6 +24,7 @@ from padim_ray.storage import (
     staged_store,
     storage_errors,
 )
+from padim_ray.video import expand_inputs, iter_unit_frames, make_units
 
 BUCKET = "padim-test"
 
@@ -353,3 +356,29 @@ def test_storage_errors_leave_other_errors_alone(tmp_path):
     with pytest.raises(StorageError, match="permission denied"):
         with storage_errors(tmp_path):
             raise PermissionError(13, "Permission denied")
+
+
+def upload(local: Path, remote: Location) -> None:
+    """Copy a local folder tree into the bucket, file by file."""
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            (remote / str(file.relative_to(local))).write_bytes(file.read_bytes())
+
+
+def test_stc_videos_and_frame_folders_decode_from_the_bucket_as_from_disk(stc_root, prefix):
+    """What decode tasks read: an STC scene's videos and a clip's frame folder, from s3:// and locally."""
+    upload(stc_root / "training" / "videos", prefix / "training" / "videos")
+    upload(stc_root / "testing" / "frames" / "01_0001", prefix / "clip")
+    remote_videos, local_videos = scene_videos(prefix, "01"), scene_videos(stc_root, "01")
+    assert [v.uri for v in remote_videos] == [f"{prefix.uri}/training/videos/01_00{i}.avi" for i in (1, 2)]
+    remote_units, remote_estimate = make_units(expand_inputs([*remote_videos, prefix / "clip"]))
+    local_units, local_estimate = make_units(expand_inputs([*local_videos, stc_root / "testing" / "frames" / "01_0001"]))
+    assert remote_estimate == local_estimate == 60 + 12
+    for remote, local in zip(remote_units, local_units):
+        assert (remote.frames, remote.height, remote.width) == (local.frames, local.height, local.width)
+        remote_frames = list(iter_unit_frames(remote, size=32))
+        local_frames = list(iter_unit_frames(local, size=32))
+        assert [i for i, _ in remote_frames] == [i for i, _ in local_frames] and len(local_frames) in (30, 12)
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(remote_frames, local_frames))
+    with pytest.raises(LayoutError, match=f"no training videos for scene 05 in {prefix.uri}/training/videos"):
+        scene_videos(prefix, "05")
