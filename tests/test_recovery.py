@@ -92,32 +92,41 @@ def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_pa
     assert Checkpoints(tmp_path / "checkpoints").files()  # the lost actor's work is kept for a rerun
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request, stop):
-    """Stop `padim-ray fit` after its first checkpoint; the same command resumes and equals an uninterrupted fit."""
+def stop_after_a_new_checkpoint(command: list[str], env: dict, checkpoints: Path, stop: signal.Signals) -> subprocess.CompletedProcess:
+    """Run `command` and send it `stop` once a checkpoint file appears that was not there before."""
+    before = set(checkpoints.glob("actor-*.npz"))
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not set(checkpoints.glob("actor-*.npz")) - before and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(stop)
+    output = driver.communicate(timeout=120)[0]
+    return subprocess.CompletedProcess(command, driver.returncode, output)
+
+
+def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
+    """`padim-ray fit` killed (SIGKILL), resumed and interrupted (SIGINT), resumed again: equals an uninterrupted fit."""
     out = tmp_path / "model"
     ray_tmp = tempfile.mkdtemp(prefix="prr-")  # the CLI's own local Ray, apart from the session's
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     command = [
         str(BIN / "padim-ray"), "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out),
         *SMALL_FIT_OPTIONS, "--checkpoint-every", "0", "--address", "local",
     ]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     checkpoints = tmp_path / ".model.checkpoint"
-    deadline = time.monotonic() + 180
-    while not list(checkpoints.glob("actor-*.npz")) and driver.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    driver.send_signal(stop)
-    output = driver.communicate(timeout=120)[0]
-    if stop == signal.SIGKILL:
-        assert driver.returncode == -signal.SIGKILL, output[-2000:]  # killed mid-fit, not finished
-    else:
-        assert driver.returncode == 130, output[-2000:]
-        assert output.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in output
-        assert f"progress is kept in {checkpoints}; rerun the same command to resume" in output
-    assert not out.exists() and list(checkpoints.glob("actor-*.npz"))
+
+    killed = stop_after_a_new_checkpoint(command, env, checkpoints, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]  # killed mid-fit, not finished
+    assert not out.exists() and len(list(checkpoints.glob("actor-*.npz"))) == 1
+
+    interrupted = stop_after_a_new_checkpoint(command, env, checkpoints, signal.SIGINT)
+    assert interrupted.returncode == 130, interrupted.stdout[-2000:]
+    lines = interrupted.stdout.strip().splitlines()
+    assert "resuming with" in interrupted.stdout and lines[-1] == "error: interrupted" and "Traceback" not in interrupted.stdout
+    assert f"progress is kept in {checkpoints}; rerun the same command to resume" in interrupted.stdout
+    assert not out.exists() and len(list(checkpoints.glob("actor-*.npz"))) == 2
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
