@@ -334,13 +334,18 @@ def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
     parent = target.parent
     if not parent.is_dir():
         raise StorageError(f"{parent}: folder does not exist; create it or choose another --out")
-    for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*"):  # of a run killed before cleaning up
-        for leftover in parent.fs.glob(posixpath.join(parent.path, pattern)):
-            shutil.rmtree(leftover, ignore_errors=True)
+    remove_staging_leftovers(parent, target.name)
     staging = parent / f".{target.name}.partial-{token[:8]}"
     with storage_errors(parent):
         os.mkdir(staging.path)
     return staging
+
+
+def remove_staging_leftovers(parent: Location, name: str) -> None:
+    """Remove the hidden `.NAME.partial-*` / `.NAME.old-*` folders of a local run killed before cleaning up."""
+    for pattern in (f".{name}.partial-*", f".{name}.old-*"):
+        for leftover in parent.fs.glob(posixpath.join(parent.path, pattern)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def commit_store(pending: PendingStore, attributes: dict) -> None:

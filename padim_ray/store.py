@@ -27,6 +27,7 @@ import zarr
 
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
+from padim_ray.storage import Location, remove_staging_leftovers
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
@@ -50,9 +51,7 @@ def make_staging(out: Path, overwrite: bool) -> Path:
     parent = out.parent
     if not parent.is_dir():
         raise StoreError(f"output folder {parent} does not exist; create it or choose another --out")
-    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):  # of a run killed before it could clean up
-        for leftover in parent.glob(pattern):
-            remove_tree(leftover)
+    remove_staging_leftovers(Location(parent), out.name)
     staging = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
