@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -21,32 +21,35 @@ import ray
 from padim_ray.accounting import Accounting
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import StatsAccumulator
+from padim_ray.storage import Location, StorageError
 
 IDENTITY_FILE = "fit.json"
+OWN_FILES = (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp")
 
 
 class CheckpointError(PadimError):
     """A checkpoint folder that cannot be used for this fit."""
 
 
-def default_checkpoint_dir(out: Path) -> Path:
+def default_checkpoint_dir(out: Location) -> Location:
     """Where a fit writing `out` keeps its checkpoints unless told otherwise: a hidden sibling."""
     return out.parent / f".{out.name}.checkpoint"
 
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """An opened checkpoint folder of one fit configuration."""
+    """An opened checkpoint folder (local, or a prefix on object storage) of one fit configuration."""
 
-    path: Path
+    path: Location
 
     @classmethod
-    def open(cls, path: Path, identity: dict) -> Checkpoints:
+    def open(cls, path: Location | str | os.PathLike, identity: dict) -> Checkpoints:
         """Create `path` for a fit of `identity`, or reopen it if an earlier run of the same fit made it."""
+        path = Location(path)
         identity = json.loads(json.dumps(identity))  # as it reads back from disk (tuples become lists)
         file = path / IDENTITY_FILE
         if file.is_file():
-            saved = json.loads(file.read_text())
+            saved = json.loads(file.read_bytes())
             differ = sorted(key for key in identity.keys() | saved.keys() if identity.get(key) != saved.get(key))
             if differ:
                 raise CheckpointError(
@@ -54,81 +57,96 @@ class Checkpoints:
                     "or remove the folder (or pass another --checkpoint-dir) to start over"
                 )
         else:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
-            except OSError as err:
-                raise CheckpointError(f"cannot write checkpoints to {path} ({err.strerror}); pass a writable --checkpoint-dir") from None
+            _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
         return cls(path)
 
-    def files(self) -> list[Path]:
-        """Every checkpoint: each actor's last one and those taken over from lost actors, of every run."""
-        return sorted(self.path.glob("actor-*.npz")) + self.claimed_files()
+    def _glob(self, pattern: str) -> list[Location]:
+        prefix = f"{self.path.protocol}://" if self.path.is_remote else ""
+        try:
+            found = self.path.fs.glob(f"{self.path.path}/{pattern}")
+        except FileNotFoundError:
+            found = []
+        return [Location(prefix + p, self.path.storage_options) for p in sorted(found)]
 
-    def claim(self, file: str) -> Path:
+    def files(self) -> list[Location]:
+        """Every checkpoint: each actor's last one and those taken over from lost actors, of every run."""
+        return self._glob("actor-*.npz") + self._glob("claimed-actor-*.npz")
+
+    def claim(self, file: Location) -> Location:
         """Take over a lost actor's checkpoint: mark it so the actor, if it is still running after
-        all, saves no more (see StatsActor.batch_done), and rename it out of its way."""
-        Path(lost_marker(file)).touch()
-        claimed = Path(file).with_name(f"claimed-{Path(file).name}")
-        if Path(file).is_file():
-            os.replace(file, claimed)
+        all, saves no more (see StatsActor.batch_done), and move it out of its way."""
+        lost_marker(file).write_bytes(b"")
+        claimed = file.parent / f"claimed-{file.name}"
+        if file.is_file():
+            file.move_to(claimed)
         return claimed
 
-    def claimed_files(self) -> list[Path]:
-        return sorted(self.path.glob("claimed-actor-*.npz"))
-
-    def new_file(self) -> str:
-        """A fresh checkpoint file name for one actor."""
-        return str(self.path / f"actor-{uuid.uuid4().hex[:12]}.npz")
+    def new_file(self) -> Location:
+        """A fresh checkpoint file for one actor."""
+        return self.path / f"actor-{uuid.uuid4().hex[:12]}.npz"
 
     def remove_if_empty(self) -> None:
         """Remove the folder unless it holds progress worth resuming from (a failed fit's)."""
-        if not self.files() and not self.claimed_files():
+        if not self.files():
             self.remove()
 
     def remove(self) -> None:
         """Remove this fit's files (only those: the folder may be a user's), and the folder if then empty."""
-        for pattern in (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp"):
-            for file in self.path.glob(pattern):
-                file.unlink(missing_ok=True)
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass  # holds files of the user's
+        for pattern in OWN_FILES:
+            for file in self._glob(pattern):
+                file.remove()
+        if not self.path.is_remote:
+            try:
+                os.rmdir(self.path.path)
+            except OSError:
+                pass  # holds files of the user's, or is gone
 
 
-def lost_marker(file: str) -> str:
+def lost_marker(file: Location) -> Location:
     """The file whose existence tells a stats actor that the driver took its checkpoint over."""
-    return f"{file}.lost"
+    return file.parent / f"{file.name}.lost"
 
 
-def save_checkpoint(file: str, accumulator: StatsAccumulator, accounting: Accounting) -> None:
+def save_checkpoint(file: Location, accumulator: StatsAccumulator, accounting: Accounting) -> None:
     """Replace `file` with the accumulator and its accounting, atomically (a crash keeps the old one)."""
-    try:
-        _write_atomically(Path(file), lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {file} ({err.strerror}); free space there or pass another --checkpoint-dir") from None
+    _write_atomically(file, lambda f: np.savez(f, **accumulator.state(), **accounting.to_arrays()))
 
 
 @ray.remote
-def checkpoint_shards(file: str, bounds: list[tuple[int, int]]) -> list:
+def checkpoint_shards(file: Location, bounds: list[tuple[int, int]]) -> list:
     """A checkpoint's accounting, then its statistics split into position shards (as StatsActor.shards).
 
     Both come from one read of the file. Call with num_returns=len(bounds) + 1; the refs are owned by the caller.
     """
-    with np.load(file) as arrays:
+    with file.local_copy() as path, np.load(path) as arrays:
         accounting = Accounting.from_arrays(arrays)
         accumulator = StatsAccumulator.from_state(arrays)
     return [accounting] + [accumulator.stats(start, stop, in_place=True) for start, stop in bounds]
 
 
-def _write_atomically(file: Path, write) -> None:
-    temporary = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.tmp")
+def _write_atomically(file: Location, write) -> None:
+    """Write `file` through a temp file: renamed into place locally, uploaded in one (multipart)
+    put on object storage, which makes it visible only when complete."""
+    folder = file.parent.path if not file.is_remote else None
     try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, file)
-    finally:
-        temporary.unlink(missing_ok=True)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            if folder:
+                os.replace(temporary, file.path)
+            else:
+                file.upload(temporary)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint {file} ({err.strerror or err}); free space there or pass a writable --checkpoint-dir"
+        ) from None
+    except StorageError as err:
+        raise CheckpointError(f"cannot write checkpoint: {err}; pass a writable --checkpoint-dir") from None

@@ -30,7 +30,7 @@ GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 i
 GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]
 CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
 Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
-CheckpointDir = Annotated[Optional[Path], typer.Option(help="Where progress is checkpointed (default: .OUT.checkpoint next to the output).")]
+CheckpointDir = Annotated[Optional[str], typer.Option(help="Where progress is checkpointed, folder or URI (default: .OUT.checkpoint next to the output).")]
 CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
 MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
 SkipBadInputs = Annotated[bool, typer.Option(help="Leave out inputs that cannot be decoded (listed in the model) instead of stopping.")]
@@ -46,6 +46,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
     from padim_ray.runtime import show_worker_logs
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # storage clients log every credential lookup at INFO
+        for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     show_worker_logs(verbose)
     if not verbose:
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # failures are reported once, below
@@ -90,10 +93,10 @@ def _write_traceback(error: BaseException) -> Path:
 @app.command()
 def fit(
     source: Annotated[Source, typer.Argument(help="stc: a ShanghaiTech scene; videos: the PATHS given.")],
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Videos or folders of frames (source videos).")] = None,
-    scene: Annotated[Optional[str], typer.Option(help="STC scene id, e.g. 01 (source stc).")] = None,
-    root: Annotated[Path, typer.Option(help="STC dataset root (env PADIM_RAY_STC_ROOT).")] = Path(DEFAULT_STC_ROOT),
-    out: Annotated[Optional[Path], typer.Option(help="Model store to write (stc: models/stc_SCENE_BACKBONE).")] = None,
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Videos or folders of frames, paths or URIs (source videos).")] = None,
+    scene: Annotated[Optional[str], typer.Option(help="STC scene id (01), a list (01,04) or all: one model per scene (source stc).")] = None,
+    root: Annotated[str, typer.Option(help="STC dataset root, path or URI (env PADIM_RAY_STC_ROOT).")] = DEFAULT_STC_ROOT,
+    out: Annotated[Optional[str], typer.Option(help="Model store to write, path or URI; may contain {scene} (stc: models/stc_{scene}_BACKBONE).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model store.")] = False,
     backbone: Annotated[Backbone, typer.Option(help="Feature extractor.")] = Backbone.resnet18,
     dims: Annotated[Optional[int], typer.Option(help="Random channel subset d (backbone's default).")] = None,
@@ -118,7 +121,7 @@ def fit(
     Rerunning an interrupted fit resumes it from its checkpoints.
     """
     from padim_ray.fit import fit_model
-    from padim_ray.stc import scene_videos
+    from padim_ray.stc import scene_videos, select_scenes, training_scenes
 
     with _one_line_errors():
         model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
@@ -128,11 +131,15 @@ def fit(
         )
         if source is Source.stc:
             if not scene or paths:
-                raise PadimError("fit stc takes --scene (e.g. --scene 01) and no PATHS")
-            inputs = scene_videos(root, scene)
+                raise PadimError("fit stc takes --scene (e.g. --scene 01, 01,04 or all) and no PATHS")
             if out is None:
-                out = Path("models") / f"stc_{scene}_{backbone.value}"
-                out.parent.mkdir(exist_ok=True)
+                out = os.path.join("models", f"stc_{{scene}}_{backbone.value}")
+                os.makedirs("models", exist_ok=True)
+            if scene == "all" or "," in scene:
+                scenes = select_scenes(scene, training_scenes(root) if scene.strip() == "all" else [])
+                return _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs)
+            inputs = scene_videos(root, scene)
+            out = out.format(scene=scene) if "{scene}" in out else out
         else:
             if not paths or out is None:
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
@@ -141,6 +148,22 @@ def fit(
             inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs,
         )
     _echo_fit(result)
+
+
+def _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs) -> None:
+    """`fit stc` over several scenes: one model each, one progress bar, a summary table."""
+    import time
+
+    from padim_ray.scenes import fit_scenes, format_scene_table, plan_scenes
+
+    started = time.monotonic()
+    fits = plan_scenes(root, scenes, out, checkpoint_dir, overwrite)
+    typer.echo(f"fitting {len(fits)} scenes ({', '.join(scenes)}) -> {out}", err=True)
+    fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, skip_bad_inputs=skip_bad_inputs)
+    typer.echo(format_scene_table(fits, time.monotonic() - started))
+    for fit in fits:
+        for skipped in fit.result.skipped:
+            typer.echo(f"scene {fit.scene} skipped {skipped['path']}: {skipped['reason']}")
 
 
 def _echo_fit(result) -> None:
@@ -154,8 +177,9 @@ def _echo_fit(result) -> None:
 
 @app.command()
 def update(
-    model: Annotated[Path, typer.Argument(help="Model store written by `padim-ray fit`; replaced when done.")],
-    inputs: Annotated[list[Path], typer.Argument(help="New videos or folders of frames to merge in.")],
+    model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI); replaced when done unless --out.")],
+    inputs: Annotated[list[str], typer.Argument(help="New videos or folders of frames to merge in (paths or URIs).")],
+    out: Annotated[Optional[str], typer.Option(help="Write the updated model here instead (required for a model on object storage).")] = None,
     force: Annotated[bool, typer.Option(help="Merge inputs the model already holds (their frames count twice).")] = False,
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
@@ -177,16 +201,16 @@ def update(
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
-            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs,
+            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs, out=out,
         )
     _echo_fit(result)
 
 
 @app.command()
 def score(
-    model: Annotated[Path, typer.Argument(help="Model store written by `padim-ray fit`.")],
-    inputs: Annotated[list[Path], typer.Argument(help="Videos and folders of frames to score.")],
-    out: Annotated[Path, typer.Option(help="Anomaly-map store to write (zarr + scores.parquet).")],
+    model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI).")],
+    inputs: Annotated[list[str], typer.Argument(help="Videos and folders of frames to score (paths or URIs).")],
+    out: Annotated[str, typer.Option(help="Anomaly-map store to write, path or URI (zarr + scores.parquet).")],
     map_size: Annotated[str, typer.Option(help="native (each input's size), model, or HxW.")] = "native",
     map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
     blur_at: Annotated[str, typer.Option(help="model: blur at the model's input size, as the paper (default); map: at the map size.")] = ScoreConfig.blur_at,
@@ -211,29 +235,30 @@ def score(
 @app.command()
 def evaluate(
     source: Annotated[Source, typer.Argument(help="stc: ShanghaiTech test clips and masks.")],
-    scene: Annotated[str, typer.Option(help="Scene id, e.g. 01, or all (every scene with a model).")],
-    root: Annotated[Path, typer.Option(help="STC dataset root (env PADIM_RAY_STC_ROOT).")] = Path(DEFAULT_STC_ROOT),
+    scene: Annotated[str, typer.Option(help="Scene id (01), a list (01,04), or all (every scene with a model).")],
+    root: Annotated[str, typer.Option(help="STC dataset root, path or URI (env PADIM_RAY_STC_ROOT).")] = DEFAULT_STC_ROOT,
     maps: Annotated[Optional[str], typer.Option(help="Scored maps; may contain {scene}.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for metrics.json, roc.png, scores.png (and maps).")] = Path("evaluation"),
+    out: Annotated[str, typer.Option(help="Folder or URI for metrics.json, roc.png, scores.png (and maps).")] = "evaluation",
     overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
     address: Address = None,
 ) -> None:
     """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks."""
     from padim_ray.evaluate import evaluate_stc, format_table
+    from padim_ray.storage import Location
 
     with _one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
         reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address})
     typer.echo(format_table(reports))
-    typer.echo(f"report: {out / 'metrics.json'}")
+    typer.echo(f"report: {Location(out) / 'metrics.json'}")
 
 
 @app.command()
 def render(
-    maps: Annotated[Path, typer.Argument(help="Anomaly-map store written by `padim-ray score`.")],
-    input: Annotated[Path, typer.Argument(help="The scored video or folder of frames.")],
+    maps: Annotated[str, typer.Argument(help="Anomaly-map store written by `padim-ray score` (path or URI).")],
+    input: Annotated[str, typer.Argument(help="The scored video or folder of frames (path or URI).")],
     out: Annotated[Path, typer.Option(help="MP4 file to write.")],
     fps: Annotated[int, typer.Option(help="Frames per second of the output.")] = 24,
 ) -> None:

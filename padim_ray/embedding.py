@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -14,6 +15,11 @@ from padim_ray.config import ModelConfig
 from padim_ray.errors import PadimError
 
 log = logging.getLogger(__name__)
+
+# torch.fx tracing (create_feature_extractor) patches nn.Module.__call__ process-wide while it runs:
+# a forward in another thread then fails ("module is not installed as a submodule"). Embedders are
+# built one at a time (e.g. by the concurrent scenes of `fit stc --scene all`).
+_BUILD_LOCK = threading.Lock()
 
 
 def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -60,7 +66,8 @@ class Embedder(nn.Module):
         dims = config.dims or self.spec.default_dims
         self.channel_indices = select_channels(self.spec.total_channels, dims, config.seed)
         model, self.weights_identity = load_weights(self.spec, config.weights, config.seed)
-        self.extractor = fold_batch_norms(create_feature_extractor(model, return_nodes={s: s for s in self.spec.stages}).eval())
+        with _BUILD_LOCK:
+            self.extractor = fold_batch_norms(create_feature_extractor(model, return_nodes={s: s for s in self.spec.stages}).eval())
         offsets = np.cumsum((0,) + self.spec.channels)
         self.stage_channels = [  # indices within each stage, in the sorted global order
             torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo)
@@ -72,7 +79,7 @@ class Embedder(nn.Module):
         # channels_last: frames arrive as (B, H, W, 3), and both oneDNN (CPU, ~12% faster here) and
         # cuDNN's tensor-core kernels (with bf16 autocast in forward) prefer it
         self.to(device, memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with _BUILD_LOCK, torch.inference_mode():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
             self.grid: tuple[int, int] = tuple(self.extractor(probe)[self.spec.stages[0]].shape[-2:])
 

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from padim_ray.errors import PadimError
 from padim_ray.metrics import PixelHistograms, frame_auroc
 from padim_ray.stc import load_masks, mask_paths, test_clips
-from padim_ray.store import SCORES_FILE, open_maps
+from padim_ray.storage import Location, is_committed
+from padim_ray.store import open_maps, read_scores
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(x, size=size, mode="nearest").squeeze(1).to(torch.uint8).numpy()
 
 
-def evaluate_scene(root: str | Path, scene: str, maps_path: str | Path, chunk: int = 16) -> SceneReport:
+def evaluate_scene(root: str | Path | Location, scene: str, maps_path: str | Path | Location, chunk: int = 16) -> SceneReport:
     """Evaluate the maps of one scene's test clips against the STC masks."""
+    maps_path = Location(maps_path)
     group = open_maps(maps_path)
     clips = [c.name for c in test_clips(root, scene)]
-    table = pq.read_table(Path(maps_path) / SCORES_FILE).to_pandas()
+    table = read_scores(maps_path)
     missing = [c for c in clips if c not in group]
     if missing:
         raise PadimError(f"maps {maps_path} lack clips {missing[:3]}{'...' if len(missing) > 3 else ''}; score testing/frames/{missing[0]} first")
@@ -91,16 +93,15 @@ def evaluate_scene(root: str | Path, scene: str, maps_path: str | Path, chunk: i
     summary = ClipResult("pooled", len(all_scores), int(all_labels.sum()), pooled.auroc(), frame_auroc(all_scores, all_labels), pooled.pro())
     roc = pooled.roc()
     thinned = None if roc is None else tuple(r[:: max(1, len(r) // 2000)].tolist() for r in roc)
-    return SceneReport(scene, str(maps_path), results, summary, thinned, scores, labels)
+    return SceneReport(scene, maps_path.uri, results, summary, thinned, scores, labels)
 
 
-def write_report(report: SceneReport, out: Path) -> list[Path]:
-    """`metrics.json`, `roc.png` and `scores.png` under `out`; returns their paths."""
+def write_report(report: SceneReport, out: Location) -> list[Location]:
+    """`metrics.json`, `roc.png` and `scores.png` under `out` (a folder or URI); returns their locations."""
     from padim_ray.viz import plot_frame_scores, plot_roc
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.json"
-    metrics.write_text(json.dumps(report.to_json(), indent=2))
+    metrics.write_bytes(json.dumps(report.to_json(), indent=2).encode())
     paths = [metrics]
     if report.pixel_roc is not None:
         paths.append(plot_roc(report, out / "roc.png"))
@@ -123,27 +124,27 @@ def format_table(reports: list[SceneReport]) -> str:
 
 
 def evaluate_stc(
-    root: str | Path,
+    root: str | Path | Location,
     scene: str,
-    out: str | Path,
+    out: str | Path | Location,
     maps: str | None = None,
     model: str | None = None,
     score_kwargs: dict | None = None,
 ) -> list[SceneReport]:
-    """Evaluate one scene, or every scene with a model (`scene="all"`), scoring first when `model` is given.
+    """Evaluate one scene, a list (`"01,04"`), or every scene with a model (`"all"`), scoring first when `model` is given.
 
     `maps` and `model` may contain `{scene}`, e.g. `models/stc_{scene}_resnet18`. Writes one folder of
     metrics and plots per scene and a `metrics.json` of all scenes under `out`.
     """
     from padim_ray.score import score_inputs
-    from padim_ray.stc import test_scenes
+    from padim_ray.stc import select_scenes, test_scenes
 
     if maps is None and model is None:
         raise PadimError("evaluate needs --maps (scored maps) or --model (to score the test clips first)")
-    out = Path(out)
-    scenes = test_scenes(root) if scene == "all" else [scene]
-    if scene == "all" and model is not None:
-        scenes = [s for s in scenes if Path(model.format(scene=s)).exists()]
+    out = Location(out)
+    scenes = select_scenes(scene, test_scenes(root) if scene.strip() == "all" else [])
+    if scene.strip() == "all" and model is not None:
+        scenes = [s for s in scenes if is_committed(model.format(scene=s))]
         if not scenes:
             raise PadimError(f"no model matches {model} for any test scene of {root}; fit one with `padim-ray fit stc`")
     for s in scenes:  # every clip's masks, before any scoring
@@ -151,13 +152,13 @@ def evaluate_stc(
             mask_paths(root, clip.name)
     reports = []
     for s in scenes:
-        maps_path = Path(maps.format(scene=s)) if maps else out / f"maps_{s}"
+        maps_path = Location(maps.format(scene=s)) if maps else out / f"maps_{s}"
         if model is not None:
-            maps_path.parent.mkdir(parents=True, exist_ok=True)
+            if not maps_path.is_remote:
+                os.makedirs(maps_path.parent.path, exist_ok=True)
             score_inputs(model.format(scene=s), test_clips(root, s), maps_path, **(score_kwargs or {}))
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")
         reports.append(report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps([r.to_json() for r in reports], indent=2))
+    (out / "metrics.json").write_bytes(json.dumps([r.to_json() for r in reports], indent=2).encode())
     return reports

@@ -25,8 +25,8 @@ from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
-from padim_ray.storage import Location
-from padim_ray.store import StoreError, create_model_store, open_model, publish, set_model_attributes, staged_output, write_shard
+from padim_ray.storage import Location, PendingStore, staged_store
+from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
 from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class StatsActor(SplitConsumer):
 
     def batch_done(self) -> None:
         if self.checkpoint_file and time.monotonic() - self.saved_at >= self.checkpoint_every:
-            if Path(lost_marker(self.checkpoint_file)).exists():  # the driver took this actor for lost
+            if lost_marker(self.checkpoint_file).exists():  # the driver took this actor for lost
                 self.checkpoint_file, self.stopping = None, True
                 return
             save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
@@ -106,11 +106,11 @@ class Partial:
     shards: list
     accounting: Accounting
     count: int
-    file: Path | None = None  # the checkpoint it came from
+    file: Location | None = None  # the checkpoint it came from
 
     @classmethod
-    def from_checkpoint(cls, file: Path, bounds: list[tuple[int, int]]) -> Partial:
-        accounting, *shards = checkpoint_shards.options(num_returns=len(bounds) + 1).remote(str(file), bounds)
+    def from_checkpoint(cls, file: Location, bounds: list[tuple[int, int]]) -> Partial:
+        accounting, *shards = checkpoint_shards.options(num_returns=len(bounds) + 1).remote(file, bounds)
         accounting = ray.get(accounting)
         return cls(shards, accounting, accounting.count, file)
 
@@ -162,7 +162,7 @@ class StatsPool:
         for partial in [p for p in self.partials if p.accounting.touches(bad)]:
             self.partials.remove(partial)
             if partial.file:
-                partial.file.unlink(missing_ok=True)
+                partial.file.remove()
         self.progress.held = sum(p.count for p in self.partials)
 
     def close(self) -> None:
@@ -181,6 +181,7 @@ def accumulate(
     checkpoints: Checkpoints | None = None,
     held: list[Partial] = (),
     expected_frames: int | None = None,
+    shared_bar=None,
 ) -> Accumulated:
     """Fold every frame of `units` into per-position statistics with stats actors, exactly once.
 
@@ -191,11 +192,12 @@ def accumulate(
     (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A unit the
     decoder marks undecodable is left out: every accumulator that holds frames of it is discarded,
     with its checkpoint if that holds some too, and the frames it held are redone.
-    Only the caller owns the returned refs; the driver never fetches statistics.
+    Only the caller owns the returned refs; the driver never fetches statistics. Progress shows in
+    its own bar, or counts into `shared_bar` (a tqdm bar shared by concurrent fits).
     """
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
     partials = list(held) + [Partial.from_checkpoint(file, bounds) for file in (checkpoints.files() if checkpoints else [])]
-    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit"), checkpoints)
+    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit", shared_bar), checkpoints)
     if pool.progress.held:
         log.info("fit: resuming with %d frames already held (%s)", pool.progress.held, checkpoints.path if checkpoints else "model")
     bad: set[int] = set()
@@ -246,9 +248,9 @@ def accumulate(
     return Accumulated(roots, bounds, accounting, count, lost, bad)
 
 
-def actor_name(checkpoint_file: str | None) -> str | None:
+def actor_name(checkpoint_file: Location | str | None) -> str | None:
     """A stats actor's Ray name, from its checkpoint file (e.g. for `ray.get_actor` while debugging)."""
-    return f"padim-ray-stats-{Path(checkpoint_file).stem}" if checkpoint_file else None
+    return f"padim-ray-stats-{Location(checkpoint_file).name.removesuffix('.npz')}" if checkpoint_file else None
 
 
 def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConfig, checkpoints: Checkpoints | None):
@@ -266,7 +268,7 @@ def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConf
 
 
 @ray.remote
-def finalize_shard(stats: GaussianStats, staging: str, start: int, eps: float) -> int:
+def finalize_shard(stats: GaussianStats, root: Location, start: int, eps: float) -> int:
     """Finalize one shard (eq. 1) and write its chunks of the model store; returns its frame count."""
     gaussians = finalize(stats, eps)
     arrays = {
@@ -275,13 +277,13 @@ def finalize_shard(stats: GaussianStats, staging: str, start: int, eps: float) -
         "precision": gaussians.precision,
         "m2": stats.m2,
     }
-    write_shard(Path(staging), start, {name: tensor.numpy() for name, tensor in arrays.items()})
+    write_shard(root, start, {name: tensor.numpy() for name, tensor in arrays.items()})
     return stats.count
 
 
 @dataclass
 class FitResult:
-    out: Path
+    out: Location
     frames: int
     seconds: float
     lost_actors: int = 0
@@ -289,41 +291,48 @@ class FitResult:
 
 
 def fit_model(
-    inputs: list[str | Path],
-    out: str | Path,
+    inputs: list[str | Path | Location],
+    out: str | Path | Location,
     model: ModelConfig = ModelConfig(),
     cluster: ClusterConfig = ClusterConfig(),
     overwrite: bool = False,
     address: str | None = None,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | Location | None = None,
     skip_bad_inputs: bool = False,
+    progress_bar=None,
 ) -> FitResult:
     """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`.
 
     Progress is checkpointed in `checkpoint_dir` (default: next to `out`); rerunning the same fit
     after a crash resumes from there, and a finished fit removes it. An input that cannot be decoded
     stops the fit, or with `skip_bad_inputs` is left out and listed in the model's `skipped_inputs`.
+    Progress counts into `progress_bar` (a tqdm bar) when given, else into a bar of its own.
     """
-    job = FitJob(Path(out), cluster, overwrite, address, checkpoint_dir, skip_bad_inputs)
+    job = FitJob(Location(out), cluster, overwrite, address, checkpoint_dir, skip_bad_inputs, progress_bar)
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
     return _fit_units(job, list(inputs), model, embedder)
 
 
 def update_model(
-    model_path: str | Path,
-    inputs: list[str | Path],
+    model_path: str | Path | Location,
+    inputs: list[str | Path | Location],
     cluster: ClusterConfig = ClusterConfig(),
     force: bool = False,
     address: str | None = None,
-    checkpoint_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | Location | None = None,
     skip_bad_inputs: bool = False,
+    out: str | Path | Location | None = None,
 ) -> FitResult:
     """Merge the frames of `inputs` into the stored model at `model_path` (equal to one fit on all of them).
 
-    The model's stored statistics (frames, mean, m2) are merged exactly with the new frames'; the
-    updated model replaces the old one in one rename, so the old one is intact until then.
+    The model's stored statistics (frames, mean, m2) are merged exactly with the new frames'. The
+    updated model goes to `out`, or replaces the old one in one rename (local models only: object
+    storage has no rename, so a model there is updated into a new `out`).
     """
-    model_path = Path(model_path)
+    model_path = Location(model_path)
+    target = Location(out) if out is not None else model_path
+    if target.is_remote and target == model_path:
+        raise StoreError(f"model {model_path} is on object storage, where it cannot be replaced atomically; pass --out NEW_URI for the updated model")
     store = open_model(model_path)
     model = ModelConfig(**store.attrs["config"])
     embedder = Embedder(model)
@@ -338,7 +347,7 @@ def update_model(
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
     base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"], store.attrs.get("skipped_inputs", []))
-    job = FitJob(model_path, cluster, True, address, checkpoint_dir, skip_bad_inputs)
+    job = FitJob(target, cluster, target == model_path, address, checkpoint_dir, skip_bad_inputs)
     return _fit_units(job, list(inputs), model, embedder, base)
 
 
@@ -346,26 +355,27 @@ def update_model(
 class FitJob:
     """Where a fit writes and how it runs (what does not change the model)."""
 
-    out: Path
+    out: Location
     cluster: ClusterConfig
     overwrite: bool
     address: str | None
-    checkpoint_dir: str | Path | None
+    checkpoint_dir: str | Path | Location | None
     skip_bad_inputs: bool
+    progress_bar: object = None  # a tqdm bar shared with other fits of the same job
 
 
 @dataclass(frozen=True)
 class BaseModel:
     """A stored model that new frames are merged into."""
 
-    path: Path
+    path: Location
     frames: int
     sources: list[dict]
     skipped: list[dict]
 
 
 @ray.remote
-def stored_shards(path: str, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
+def stored_shards(path: Location, bounds: list[tuple[int, int]]) -> list[GaussianStats] | GaussianStats:
     """A stored model's statistics (frames, mean, m2) split into position shards."""
     store = open_model(path)
     parts = [
@@ -388,29 +398,27 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
         raise VideoError(f"none of the inputs can be decoded ({bad_inputs[0][1] if bad_inputs else 'no inputs'})")
     identity = {**_identity(model, embedder, units), "skip_bad_inputs": job.skip_bad_inputs}
     if base:
-        identity["base_model"] = {"path": str(base.path.resolve()), "frames": base.frames}
-    # absolute: actors write checkpoints from their own working directories
-    checkpoint_dir = Path(job.checkpoint_dir or default_checkpoint_dir(job.out)).resolve()
-    with staged_output(job.out, job.overwrite) as staging, user_errors():
+        identity["base_model"] = {"path": base.path.uri, "frames": base.frames}
+    checkpoint_dir = Location(job.checkpoint_dir or default_checkpoint_dir(job.out))  # absolute, as actors need
+    with staged_store(job.out, job.overwrite) as pending, user_errors():
         checkpoints = Checkpoints.open(checkpoint_dir, identity)
         try:
             connect(job.address)
             held = []
             if base:
                 bounds = shard_bounds(embedder.positions, embedder.dims, job.cluster.shard_bytes)
-                refs = stored_shards.options(num_returns=len(bounds)).remote(str(base.path.resolve()), bounds)
+                refs = stored_shards.options(num_returns=len(bounds)).remote(base.path, bounds)
                 held.append(Partial(refs if isinstance(refs, list) else [refs], Accounting(), base.frames))
             expected = math.ceil(estimate / model.frame_stride) + (base.frames if base else 0)
             accumulated = _accumulate_units(units, model, embedder, job, checkpoints, held, expected)
             good = [u for u in units if u.uid not in accumulated.bad_units]
-            frames = _write_model(staging, accumulated, good, model, embedder, base.frames if base else 0)
+            frames = _write_model(pending, accumulated, good, model, embedder, base.frames if base else 0)
             bad_decodes = _bad_unit_reasons(units, accumulated.bad_units, model)
             skipped = [{"path": path, "reason": reason} for path, reason in (bad_inputs or []) + bad_decodes]
             sources = (base.sources if base else []) + [
                 {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
             ]
-            set_model_attributes(staging, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
-            publish(staging, job.out, job.overwrite)
+            publish_model(pending, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
         except BaseException:
             checkpoints.remove_if_empty()
             if checkpoints.path.exists():
@@ -449,15 +457,17 @@ def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, ex
         return frames_dataset(todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs)
 
     make_embedder = functools.partial(Embedder, model)
-    return accumulate(frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected)
+    return accumulate(
+        frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected, job.progress_bar
+    )
 
 
-def _write_model(staging: Path, accumulated: Accumulated, units, model: ModelConfig, embedder: Embedder, held_frames: int) -> int:
+def _write_model(pending: PendingStore, accumulated: Accumulated, units, model: ModelConfig, embedder: Embedder, held_frames: int) -> int:
     """Check the accounting, finalize every shard into the staging store; returns the model's frames."""
     frames = accumulated.accounting.check(units) + held_frames
     bounds = accumulated.bounds
-    create_model_store(staging, embedder.positions, embedder.dims, bounds[0][1] - bounds[0][0])
-    counts = ray.get([finalize_shard.remote(root, str(staging), start, model.eps) for root, (start, _) in zip(accumulated.roots, bounds)])
+    create_model_store(pending, embedder.positions, embedder.dims, bounds[0][1] - bounds[0][0])
+    counts = ray.get([finalize_shard.remote(root, pending.root, start, model.eps) for root, (start, _) in zip(accumulated.roots, bounds)])
     if set(counts) != {frames}:
         raise FrameAccountingError(f"reduced shards hold {sorted(set(counts))} frames, the inputs decoded to {frames}")
     return frames

@@ -208,11 +208,19 @@ class SplitConsumer:
 
 
 class Progress:
-    """One progress bar over every pass of a run: frames held before it plus what live actors report."""
+    """One progress bar over every pass of a run: frames held before it plus what live actors report.
 
-    def __init__(self, total: int | None, desc: str):
-        self.bar = tqdm(total=total, unit="frame", desc=desc, file=sys.stderr, mininterval=2)
+    With `shared`, the frames are counted into that bar instead (one display for many concurrent
+    runs, e.g. the scenes of `fit stc --scene all`), whose total grows by `total`.
+    """
+
+    def __init__(self, total: int | None, desc: str, shared: tqdm | None = None):
+        self.own = shared is None
+        self.bar = tqdm(total=total, unit="frame", desc=desc, file=sys.stderr, mininterval=2) if self.own else shared
+        if not self.own and total:
+            self.bar.total = (self.bar.total or 0) + total
         self.held = 0  # frames outside the live actors: checkpoints of lost actors, earlier runs, a stored model
+        self.shown = 0  # what this run has added to the bar
 
     def poll(self, actors: list) -> None:
         """Update from the actors that answer within a second (a lost one may never answer)."""
@@ -224,10 +232,13 @@ class Progress:
                 counts.append(ray.get(ref))
             except ray.exceptions.RayError:
                 pass
-        self.bar.update(self.held + sum(counts) - self.bar.n)
+        now = self.held + sum(counts)
+        self.bar.update(now - self.shown)
+        self.shown = now
 
     def close(self) -> None:
-        self.bar.close()
+        if self.own:
+            self.bar.close()
 
 
 def stream_to_actors(dataset, actors: list, batch_size: int, progress: Progress) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from padim_ray.accounting import Accounting
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
+from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
-    MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_store, open_model, publish, staged_output,
+    MAPS_GROUP, MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_arrays, open_model, publish_maps,
     trim_map_arrays, write_scores,
 )
 from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
@@ -73,7 +75,7 @@ def axis_operator(length: int, blur_length: int, out_length: int, taps: tuple[fl
 class Scorer:
     """A model loaded for scoring: frames in, blurred anomaly maps out (no Ray here)."""
 
-    def __init__(self, model_path: str | Path, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu"):
+    def __init__(self, model_path: str | Path | Location, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu"):
         store = open_model(model_path)
         config = ModelConfig(**store.attrs["config"])
         self.embedder = Embedder(config, device)
@@ -103,12 +105,12 @@ class ScoreActor(SplitConsumer):
     Only the small per-frame rows (score and its location) go back to the driver.
     """
 
-    def __init__(self, model_path: str, score: ScoreConfig, staging: str, targets: dict[int, MapTarget], threads: int):
+    def __init__(self, model_path: Location, score: ScoreConfig, maps_root: Location, targets: dict[int, MapTarget], threads: int):
         super().__init__()
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.scorer = Scorer(model_path, score, device)
-        self.writer = MapChunkWriter(Path(staging), score.chunk_frames)
+        self.writer = MapChunkWriter(maps_root, score.chunk_frames)
         self.targets = targets
         self.map_dtype = getattr(torch, score.map_dtype)  # cast on the device: 10x cheaper than numpy's astype
         self.rows: dict[str, list[np.ndarray]] = {column: [] for column in ("unit", "index", "score", "max_y", "max_x")}
@@ -151,23 +153,24 @@ def map_targets(units: list[WorkUnit], map_size: tuple[int, int] | None) -> dict
     """Where each unit's maps go: a readable unique input id (file stem or folder name, e.g. 01_0014)
     and the map size (`map_size`, or the input's own)."""
     ids: dict[str, str] = {}
-    for path in dict.fromkeys(u.path for u in units):
-        name = Path(path).stem if Path(path).is_file() else Path(path).name
+    for unit in {u.path: u for u in units}.values():
+        path, name = unit.path, Location(unit.path).name
+        name = os.path.splitext(name)[0] if unit.is_video else name
         ids[path] = name if name not in ids.values() else f"{name}_{len(ids)}"
     return {u.uid: MapTarget(ids[u.path], map_size or (u.height, u.width)) for u in units}
 
 
 @dataclass
 class ScoreResult:
-    out: Path
+    out: Location
     frames: dict[str, int]  # frames per input id
     seconds: float
 
 
 def score_inputs(
-    model: str | Path,
-    inputs: list[str | Path],
-    out: str | Path,
+    model: str | Path | Location,
+    inputs: list[str | Path | Location],
+    out: str | Path | Location,
     map_size: str = "native",
     score: ScoreConfig = ScoreConfig(),
     cluster: ClusterConfig = ClusterConfig(),
@@ -176,20 +179,20 @@ def score_inputs(
 ) -> ScoreResult:
     """Score every frame of `inputs` with `model`; write maps (zarr) and per-frame scores (Parquet) to `out`."""
     started = time.monotonic()
-    out = Path(out)
+    out = Location(out)
     store = open_model(model)
     size = parse_map_size(map_size, store.attrs["image_size"])
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
-    with staged_output(out, overwrite) as staging, user_errors():
-        create_map_store(staging, score.map_dtype, chunk, _map_arrays(units, targets), _map_attributes(store, score))
+    with staged_store(out, overwrite, group=MAPS_GROUP) as pending, user_errors():
+        create_map_arrays(pending, score.map_dtype, chunk, _map_arrays(units, targets))
         connect(address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
         # decode blocks start on chunk boundaries, so every chunk is written by the one actor that got its block
         dataset = frames_dataset(units, store.attrs["image_size"], 1, math.ceil(cluster.decode_batch / chunk) * chunk)
         plan = plan_actors(cluster)
-        args = (str(Path(model).resolve()), score, str(staging), targets)
+        args = (store.path, score, pending.root, targets)
         actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
         log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
         progress = Progress(estimate, "score")
@@ -203,9 +206,9 @@ def score_inputs(
         accounting.check(units)
         check_chunk_owners([written for _, (_, written) in outcomes])
         frames = _frames_per_input(units, targets, accounting)
-        trim_map_arrays(staging, frames)
-        write_scores(staging, _score_table([rows for _, (rows, _) in outcomes], targets))
-        publish(staging, out, overwrite)
+        trim_map_arrays(pending.root, frames)
+        write_scores(pending.staging, _score_table([rows for _, (rows, _) in outcomes], targets))
+        publish_maps(pending, _map_attributes(store, score))
     return ScoreResult(out=out, frames=frames, seconds=time.monotonic() - started)
 
 
@@ -222,7 +225,7 @@ def _map_arrays(units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict[st
 def _map_attributes(store, score: ScoreConfig) -> dict:
     model_facts = {k: store.attrs[k] for k in ("backbone", "weights_identity", "dims", "image_size", "frames")}
     return {
-        "kind": "anomaly-maps", "model": str(store.path.resolve()), "model_facts": model_facts,
+        "kind": "anomaly-maps", "model": store.path.uri, "model_facts": model_facts,
         "blur_sigma": score.blur_sigma, "blur_truncate": score.blur_truncate, "blur_at": score.blur_at,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import io
 import re
 from pathlib import Path
 
@@ -34,27 +35,49 @@ def scene_videos(root: str | Path | Location, scene: str) -> list[Location]:
     return videos
 
 
-def test_clips(root: str | Path, scene: str) -> list[Path]:
+def training_scenes(root: str | Path | Location) -> list[str]:
+    """Scene ids that have training videos."""
+    videos_dir = Location(root) / "training" / "videos"
+    if not videos_dir.is_dir():
+        raise LayoutError(f"{videos_dir} not found; --root must hold training/videos/SS_VVV.avi (ShanghaiTech layout)")
+    return sorted({v.name[:2] for v in videos_dir.iterdir() if fnmatch.fnmatch(v.name, "[0-9][0-9]_*.avi")})
+
+
+def select_scenes(text: str, available: list[str]) -> list[str]:
+    """`all` -> every available scene; `01,04` -> those (in that order, each once)."""
+    if text.strip() == "all":
+        if not available:
+            raise LayoutError("no scenes found for --scene all")
+        return available
+    scenes = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    bad = [scene for scene in scenes if not SCENE_PATTERN.match(scene)]
+    if bad or not scenes:
+        raise LayoutError(f"--scene {text!r}: give two-digit STC scene ids like 01 or 01,04, or all")
+    return scenes
+
+
+def test_clips(root: str | Path | Location, scene: str) -> list[Location]:
     """The test clip folders `root/testing/frames/SS_CCCC` of one scene, in order."""
-    root = Path(root)
-    frames_dir = root / "testing" / "frames"
+    frames_dir = Location(root) / "testing" / "frames"
     if not frames_dir.is_dir():
         raise LayoutError(f"{frames_dir} not found; --root must hold testing/frames/SS_CCCC/ (ShanghaiTech layout)")
-    clips = sorted(p for p in frames_dir.glob(f"{scene}_*") if p.is_dir())
+    clips = [p for p in frames_dir.iterdir() if fnmatch.fnmatch(p.name, f"{scene}_*") and p.is_dir()]
     if not clips:
         raise LayoutError(f"no test clips for scene {scene} in {frames_dir} (scene 13 has none in STC)")
     return clips
 
 
-def test_scenes(root: str | Path) -> list[str]:
+def test_scenes(root: str | Path | Location) -> list[str]:
     """Scene ids that have test clips."""
-    frames_dir = Path(root) / "testing" / "frames"
-    return sorted({p.name[:2] for p in frames_dir.glob("*_*") if p.is_dir() and SCENE_PATTERN.match(p.name[:2])})
+    frames_dir = Location(root) / "testing" / "frames"
+    if not frames_dir.is_dir():
+        raise LayoutError(f"{frames_dir} not found; --root must hold testing/frames/SS_CCCC/ (ShanghaiTech layout)")
+    return sorted({p.name[:2] for p in frames_dir.iterdir() if "_" in p.name and SCENE_PATTERN.match(p.name[:2])})
 
 
-def mask_paths(root: str | Path, clip: str) -> tuple[Path, Path]:
+def mask_paths(root: str | Path | Location, clip: str) -> tuple[Location, Location]:
     """A clip's frame-mask and pixel-mask files, which must exist."""
-    testing = Path(root) / "testing"
+    testing = Location(root) / "testing"
     paths = (testing / "test_frame_mask" / f"{clip}.npy", testing / "test_pixel_mask" / f"{clip}.npy")
     for path in paths:
         if not path.is_file():
@@ -62,13 +85,22 @@ def mask_paths(root: str | Path, clip: str) -> tuple[Path, Path]:
     return paths
 
 
-def load_masks(root: str | Path, clip: str, frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """A clip's frame mask (T,) and pixel mask (T, H, W, memory-mapped), checked against `frames`."""
+def load_masks(root: str | Path | Location, clip: str, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's frame mask (T,) and pixel mask (T, H, W; memory-mapped when local), checked against `frames`."""
     frame_path, pixel_path = mask_paths(root, clip)
-    frame_mask = np.load(frame_path)
-    pixel_mask = np.load(pixel_path, mmap_mode="r")
+    frame_mask = _load_npy(frame_path)
+    pixel_mask = _load_npy(pixel_path, mmap=True)
     if frame_mask.shape != (frames,):
         raise LayoutError(f"mask {frame_path} has shape {frame_mask.shape}, expected ({frames},): one 0/1 per frame of {clip}")
     if pixel_mask.ndim != 3 or pixel_mask.shape[0] != frames:
         raise LayoutError(f"mask {pixel_path} has shape {pixel_mask.shape}, expected ({frames}, H, W) for clip {clip}")
     return frame_mask, pixel_mask
+
+
+def _load_npy(path: Location, mmap: bool = False) -> np.ndarray:
+    try:
+        if not path.is_remote:
+            return np.load(path.path, mmap_mode="r" if mmap else None)
+        return np.load(io.BytesIO(path.read_bytes()))
+    except ValueError as err:
+        raise LayoutError(f"mask file {path} is not a readable .npy array ({err}); restore it from the STC archive") from None

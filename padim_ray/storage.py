@@ -226,6 +226,16 @@ class Location:
         self.fs.pipe_file(self.path, data)
 
     @_mapped
+    def upload(self, local_file: str) -> None:
+        """Copy a local file here (object storage shows the new object only once the upload completes)."""
+        self.fs.put_file(local_file, self.path)
+
+    @_mapped
+    def move_to(self, destination: Location) -> None:
+        """Rename a file (copy and delete on object storage) within one filesystem."""
+        self.fs.mv(self.path, destination.path)
+
+    @_mapped
     def remove(self) -> None:
         """Remove one file, ignoring one that is already gone."""
         try:
@@ -290,32 +300,47 @@ class PendingStore:
     staging: Location
     token: str
     overwrite: bool
+    group: str = ""  # the zarr group inside the store whose root metadata commits it ("" = the store itself)
+
+    @property
+    def root(self) -> Location:
+        """Where the committing group is being written."""
+        return self.staging / self.group if self.group else self.staging
 
     def array_store(self, name: str, read_only: bool = False) -> zarr.abc.store.Store:
-        return (self.staging / name).zarr_store(read_only)
+        """A store for one array `name` of the committing group."""
+        return (self.root / name).zarr_store(read_only)
 
 
-def begin_store(target: Location | str | os.PathLike, overwrite: bool) -> PendingStore:
+def begin_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> PendingStore:
     """Check `target` before any work and return where to write the store.
 
-    A complete store (root zarr.json present) is refused unless `overwrite`; leftovers of a failed
-    run are removed. On object storage, overwriting deletes the old root first, then its arrays.
+    `group` names the zarr group inside `target` whose root metadata is written last (a map store's
+    `maps.zarr`; "" for a model store, which is a group itself). A complete store is refused unless
+    `overwrite`; leftovers of a failed run are removed. On object storage, overwriting deletes the
+    old root first, then the rest.
     """
     target = Location(target)
     token = uuid.uuid4().hex
     if target.is_remote:
-        _begin_remote(target, token, overwrite)
-        return PendingStore(target, target, token, overwrite)
-    return PendingStore(target, _begin_local(target, token, overwrite), token, overwrite)
+        _begin_remote(target, token, overwrite, group)
+        return PendingStore(target, target, token, overwrite, group)
+    return PendingStore(target, _begin_local(target, token, overwrite), token, overwrite, group)
 
 
-def _begin_remote(target: Location, token: str, overwrite: bool) -> None:
+def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
+    """Whether a complete store is at `target` (its committing group's root metadata exists)."""
+    target = Location(target)
+    return ((target / group if group else target) / ROOT_METADATA).exists()
+
+
+def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> None:
     if "/" not in target.path:
         raise StorageError(f"{target}: a store needs a path inside the bucket, e.g. {target}/model.zarr")
-    root, marker = target / ROOT_METADATA, target / WRITING_MARKER
+    root, marker = (target / group if group else target) / ROOT_METADATA, target / WRITING_MARKER
     complete = root.exists()
     if complete and not overwrite:
-        raise StorageError(f"{target}: a store already exists here; pass --overwrite or choose another --out")
+        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
     with storage_errors(target):
         contents = [p for p in target.fs.find(target.path) if p != marker.path]
     if contents and not complete and not marker.exists():
@@ -330,14 +355,16 @@ def _begin_remote(target: Location, token: str, overwrite: bool) -> None:
 
 def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
     if target.exists() and not overwrite:
-        raise StorageError(f"{target}: already exists; pass --overwrite or choose another --out")
+        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
     parent = target.parent
     if not parent.is_dir():
-        raise StorageError(f"{parent}: folder does not exist; create it or choose another --out")
+        raise StorageError(f"output folder {parent} does not exist; create it or choose another --out")
     remove_staging_leftovers(parent, target.name)
     staging = parent / f".{target.name}.partial-{token[:8]}"
-    with storage_errors(parent):
+    try:
         os.mkdir(staging.path)
+    except OSError as err:
+        raise StorageError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
     return staging
 
 
@@ -356,10 +383,10 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
             marker = target / WRITING_MARKER
             if marker.read_bytes().decode() != pending.token:
                 raise StorageError(f"{target}: another run took over this store while it was written; rerun one at a time")
-            _write_root(pending.staging, attributes)
+            _write_root(pending.root, attributes)
             marker.remove()
             return
-        _write_root(pending.staging, attributes)
+        _write_root(pending.root, attributes)
         if os.path.lexists(target.path):
             if not pending.overwrite:
                 raise StorageError(f"{target}: appeared while the store was written; pass --overwrite or choose another --out")
@@ -386,16 +413,16 @@ def abort_store(pending: PendingStore) -> None:
         if not pending.target.is_remote:
             pending.staging.remove_tree()
         elif (pending.target / WRITING_MARKER).read_bytes().decode() == pending.token:
-            if not (pending.target / ROOT_METADATA).exists():
+            if not (pending.root / ROOT_METADATA).exists():
                 pending.target.remove_tree()
     except StorageError:
         pass
 
 
 @contextmanager
-def staged_store(target: Location | str | os.PathLike, overwrite: bool) -> Iterator[PendingStore]:
+def staged_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> Iterator[PendingStore]:
     """begin_store, and abort_store after the block (a no-op once the block has called commit_store)."""
-    pending = begin_store(target, overwrite)
+    pending = begin_store(target, overwrite, group)
     try:
         yield pending
     finally:

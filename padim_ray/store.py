@@ -10,24 +10,27 @@ Layout of MODEL/ (a zarr v3 group):
                 frames, sources, ...
 Every array is chunked along positions only, one chunk per reduction shard, so each reducer writes
 whole chunks (zarr read-modify-writes chunks: two writers in one chunk would race).
+
+Stores may be local folders or object-storage URIs. Both are built with storage.begin_store and
+published with commit_store: the root metadata (the model group's, or a map store's maps.zarr's)
+is the last write, so nothing opens as a store before it is complete.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
-import uuid
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
-from padim_ray.storage import Location, remove_staging_leftovers
+from padim_ray.storage import (
+    WRITING_MARKER, Location, PendingStore, commit_store, is_committed, storage_errors,
+)
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
@@ -41,97 +44,53 @@ class StoreError(PadimError):
     """A model store that cannot be written or read."""
 
 
-def make_staging(out: Path, overwrite: bool) -> Path:
-    """Check the target and create an empty sibling folder to build the store in, before any work.
-
-    The store is renamed onto `out` only when complete, so a failed fit leaves nothing at `out`.
-    """
-    if out.exists() and not overwrite:
-        raise StoreError(f"output {out} already exists; pass --overwrite or choose another --out")
-    parent = out.parent
-    if not parent.is_dir():
-        raise StoreError(f"output folder {parent} does not exist; create it or choose another --out")
-    remove_staging_leftovers(Location(parent), out.name)
-    staging = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
-    except OSError as err:
-        raise StoreError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
-    return staging
-
-
-@contextmanager
-def staged_output(out: Path, overwrite: bool):
-    """Yield a staging folder for `out` (see make_staging) and remove whatever is left of it after."""
-    staging = make_staging(out, overwrite)
-    try:
-        yield staging
-    finally:
-        remove_tree(staging)
-
-
-def create_model_store(path: Path, positions: int, dims: int, shard_positions: int) -> None:
+def create_model_store(pending: PendingStore, positions: int, dims: int, shard_positions: int) -> None:
     """Create the empty arrays of a model store, chunked by `shard_positions`."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name, dtype in ARRAYS.items():
-        shape = (positions, dims) if name == "mean" else (positions, dims, dims)
-        chunks = (shard_positions,) + shape[1:]
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    with storage_errors(pending.target):
+        for name, dtype in ARRAYS.items():
+            shape = (positions, dims) if name == "mean" else (positions, dims, dims)
+            chunks = (shard_positions,) + shape[1:]
+            zarr.create_array(pending.array_store(name), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, zarr_format=3)
 
 
-def write_shard(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+def write_shard(root: Location, start: int, arrays: dict[str, np.ndarray]) -> None:
     """Write one position shard [start, start + len) of every array; shards must align with chunks."""
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for name, values in arrays.items():
-        group[name][start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
+    with storage_errors(root):
+        for name, values in arrays.items():
+            array = zarr.open_array((root / name).zarr_store(read_only=False), mode="r+", zarr_format=3)
+            array[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
 
 
-def set_model_attributes(staging: Path, attributes: dict) -> None:
-    """Record the model's attributes and the format version."""
-    group = zarr.open_group(str(staging), mode="r+", zarr_format=3)
-    group.attrs.update({"format_version": FORMAT_VERSION, **attributes})
-
-
-def publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Move a finished store onto `out` in one rename (replacing it only with `overwrite`)."""
-    if out.exists():
-        if not overwrite:
-            raise StoreError(f"output {out} appeared during the fit; pass --overwrite or choose another --out")
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        remove_tree(trash)
-    else:
-        os.replace(staging, out)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a staging or replaced store, ignoring one that is already gone."""
-    shutil.rmtree(path, ignore_errors=True)
+def publish_model(pending: PendingStore, attributes: dict) -> None:
+    """Record the attributes and the format version, making the model visible at its target (one last write)."""
+    commit_store(pending, {"format_version": FORMAT_VERSION, **attributes})
 
 
 @dataclass
 class ModelStore:
     """An opened model store: attributes in memory, arrays read on demand."""
 
-    path: Path
+    path: Location
     attrs: dict
     group: zarr.Group
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Positions [start, stop) of array `name` (one of ARRAYS)."""
-        return self.group[name][start:stop]
+        with storage_errors(self.path):
+            return self.group[name][start:stop]
 
 
-def open_model(path: str | Path) -> ModelStore:
-    """Open a model store, checking that it is one and that this version can read it."""
-    path = Path(path)
-    if not path.is_dir():
+def open_model(path: Location | str | os.PathLike) -> ModelStore:
+    """Open a model store (local path or URI), checking that it is one and that this version can read it."""
+    path = Location(path)
+    if not is_committed(path):
+        if path.is_dir() and (path / WRITING_MARKER).exists():
+            raise StoreError(f"model {path} is incomplete (its fit is running or failed); rerun the fit")
+        if path.is_dir():
+            raise StoreError(f"{path} is not a padim-ray model store (no zarr v3 group); fit one with `padim-ray fit`")
         raise StoreError(f"model {path} not found; fit one with `padim-ray fit`")
-    try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    except Exception:
-        raise StoreError(f"{path} is not a padim-ray model store (no zarr v3 group); fit one with `padim-ray fit`") from None
+    with storage_errors(path):
+        group = zarr.open_group(path.zarr_store(read_only=True), mode="r", zarr_format=3)
     attrs = dict(group.attrs)
     version = attrs.get("format_version")
     if version != FORMAT_VERSION:
@@ -153,18 +112,22 @@ class MapTarget:
     size: tuple[int, int]
 
 
-def create_map_store(path: Path, dtype: str, chunk_frames: int, arrays: dict[str, tuple[tuple, dict]], attributes: dict) -> None:
-    """Create `path/maps.zarr` with one (T, H, W) array per input, chunked by `chunk_frames` frames.
+def create_map_arrays(pending: PendingStore, dtype: str, chunk_frames: int, arrays: dict[str, tuple[tuple, dict]]) -> None:
+    """Create one (T, H, W) array per input in the pending `maps.zarr`, chunked by `chunk_frames` frames.
 
     T is what the input's header declares; trim_map_arrays cuts each array to the frames decoded.
     """
-    group = zarr.open_group(str(path / MAPS_GROUP), mode="w", zarr_format=3)
-    group.attrs.update({"format_version": MAPS_FORMAT_VERSION, **attributes})
-    for input_id, (shape, array_attributes) in arrays.items():
-        group.create_array(
-            input_id, shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
-            compressors=[MAP_COMPRESSOR], attributes=array_attributes,
-        )
+    with storage_errors(pending.target):
+        for input_id, (shape, array_attributes) in arrays.items():
+            zarr.create_array(
+                pending.array_store(input_id), shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
+                compressors=[MAP_COMPRESSOR], attributes=array_attributes, zarr_format=3,
+            )
+
+
+def publish_maps(pending: PendingStore, attributes: dict) -> None:
+    """Write the map group's attributes last, making the map store visible at its target."""
+    commit_store(pending, {"format_version": MAPS_FORMAT_VERSION, **attributes})
 
 
 class MapChunkWriter:
@@ -175,8 +138,8 @@ class MapChunkWriter:
     writer wrote, for check_chunk_owners.
     """
 
-    def __init__(self, path: Path, chunk_frames: int):
-        self.group = zarr.open_group(str(path / MAPS_GROUP), mode="r+", zarr_format=3)
+    def __init__(self, root: Location, chunk_frames: int):
+        self.root = root  # the pending maps.zarr group (PendingStore.root)
         self.chunk_frames = chunk_frames
         self.arrays: dict[str, zarr.Array] = {}
         self.pending: dict[tuple[str, int], dict[int, np.ndarray]] = {}
@@ -185,7 +148,9 @@ class MapChunkWriter:
     def add(self, input_id: str, index: int, anomaly_map: np.ndarray, last: bool) -> None:
         """Buffer the map (in the store's dtype) of frame `index` of `input_id`; `last` marks the input's last frame."""
         if input_id not in self.arrays:  # every chunk gets written: skip zarr's all-fill-value scan (~15 ms each)
-            self.arrays[input_id] = self.group[input_id].with_config({"write_empty_chunks": True})
+            with storage_errors(self.root):
+                array = zarr.open_array((self.root / input_id).zarr_store(read_only=False), mode="r+", zarr_format=3)
+            self.arrays[input_id] = array.with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
             source = self.arrays[input_id].attrs["source"]
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
@@ -201,8 +166,9 @@ class MapChunkWriter:
         indices = sorted(rows)
         runs = np.split(np.array(indices), np.flatnonzero(np.diff(indices) != 1) + 1)  # contiguous frame runs
         array = self.arrays[key[0]]
-        for run in runs:
-            array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run])
+        with storage_errors(self.root):
+            for run in runs:
+                array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run])
         self.written.append(key)
 
     def close(self) -> None:
@@ -219,30 +185,40 @@ def check_chunk_owners(written: list[list[tuple[str, int]]]) -> None:
         raise StoreError(f"map chunks {shared[:5]} were written by more than one actor; maps may be incomplete, rescore")
 
 
-def trim_map_arrays(path: Path, frames: dict[str, int]) -> None:
-    """Cut each input's map array to the frames actually decoded (headers may over-report)."""
-    group = zarr.open_group(str(path / MAPS_GROUP), mode="r+", zarr_format=3)
-    for input_id, count in frames.items():
-        array = group[input_id]
-        if array.shape[0] != count:
-            array.resize((count, *array.shape[1:]))
+def trim_map_arrays(root: Location, frames: dict[str, int]) -> None:
+    """Cut each input's map array (in the pending maps.zarr `root`) to the frames actually decoded."""
+    with storage_errors(root):
+        for input_id, count in frames.items():
+            array = zarr.open_array((root / input_id).zarr_store(read_only=False), mode="r+", zarr_format=3)
+            if array.shape[0] != count:
+                array.resize((count, *array.shape[1:]))
 
 
-def write_scores(path: Path, table: dict[str, list]) -> None:
-    """The per-frame results as `scores.parquet` inside the map store."""
+def write_scores(where: Location, table: dict[str, list]) -> None:
+    """The per-frame results as `scores.parquet` in the map store folder `where` (one write)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table(table), path / SCORES_FILE)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(table), buffer)
+    (where / SCORES_FILE).write_bytes(buffer.getvalue())
 
 
-def open_maps(path: str | Path) -> zarr.Group:
+def open_maps(path: Location | str | os.PathLike) -> zarr.Group:
     """The map group of an output of `padim-ray score`, checking its format version."""
-    path = Path(path)
-    if not (path / MAPS_GROUP / "zarr.json").is_file() or not (path / SCORES_FILE).is_file():
+    path = Location(path)
+    if not is_committed(path, MAPS_GROUP) or not (path / SCORES_FILE).is_file():
         raise StoreError(f"anomaly maps {path} not found (no {MAPS_GROUP} and {SCORES_FILE}); write them with `padim-ray score`")
-    group = zarr.open_group(str(path / MAPS_GROUP), mode="r", zarr_format=3)
+    with storage_errors(path):
+        group = zarr.open_group((path / MAPS_GROUP).zarr_store(read_only=True), mode="r", zarr_format=3)
     version = group.attrs.get("format_version")
     if version != MAPS_FORMAT_VERSION or group.attrs.get("kind") != "anomaly-maps":
         raise StoreError(f"{path} is not an anomaly-map store of format {MAPS_FORMAT_VERSION} (found {version}); rescore with this version")
     return group
+
+
+def read_scores(path: Location | str | os.PathLike):
+    """The per-frame table (pandas) of a map store."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO((Location(path) / SCORES_FILE).read_bytes())).to_pandas()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +12,19 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from padim_ray.storage import Location  # noqa: E402
 
-def plot_roc(report, path: Path) -> Path:
+
+def _save(fig, path: Location, **options) -> Location:
+    """Write a figure as PNG to a local path or URI (one write) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **options)
+    plt.close(fig)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def plot_roc(report, path: Location) -> Location:
     """The scene's pooled pixel ROC curve with its AUROC."""
     fpr, tpr = report.pixel_roc
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -19,12 +32,10 @@ def plot_roc(report, path: Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"scene {report.scene}", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="lower right")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120, bbox_inches="tight")
 
 
-def plot_frame_scores(report, path: Path) -> Path:
+def plot_frame_scores(report, path: Location) -> Location:
     """Per-frame scores of every clip, with the ground-truth anomalous frames shaded."""
     clips = list(report.frame_scores)
     fig, axes = plt.subplots(len(clips), 1, figsize=(10, 1.8 * len(clips) + 0.6), squeeze=False)
@@ -38,9 +49,7 @@ def plot_frame_scores(report, path: Path) -> Path:
     axes[0, 0].legend(loc="upper left", fontsize="small")
     axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def _timeline(scores: np.ndarray, labels: np.ndarray | None, width: int, height: int) -> np.ndarray:
@@ -111,21 +120,19 @@ def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, lab
     return out
 
 
-def render_input(maps_path: str | Path, input_path: str | Path, out: str | Path, fps: int = 24) -> Path:
+def render_input(maps_path: str | Path | Location, input_path: str | Path | Location, out: str | Path, fps: int = 24) -> Path:
     """Render the footage of one scored input with its maps (found by source path or input id)."""
-    import pyarrow.parquet as pq
-
     from padim_ray.errors import PadimError
-    from padim_ray.store import SCORES_FILE, open_maps
+    from padim_ray.store import open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
 
     group = open_maps(maps_path)
-    input_path = Path(input_path)
-    matches = [name for name, array in group.arrays() if array.attrs.get("source") in (str(input_path), str(input_path.resolve()))]
-    name = matches[0] if matches else (input_path.stem if input_path.suffix else input_path.name)
+    source = Location(input_path)
+    matches = [name for name, array in group.arrays() if Location(array.attrs.get("source", "/")) == source]
+    name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
     if name not in group:
-        raise PadimError(f"maps {maps_path} hold no maps of {input_path}; score it with `padim-ray score`")
-    table = pq.read_table(Path(maps_path) / SCORES_FILE).to_pandas()
+        raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
+    table = read_scores(maps_path)
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
-    frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, str(input_path))))
+    frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
     return render_video(frames, group[name], scores, Path(out), fps)

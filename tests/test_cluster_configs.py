@@ -110,16 +110,27 @@ def _marked(lines, i):
     return False
 
 
-@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + ["../Dockerfile"])
-def test_no_credentials_only_marked_placeholders(name):
-    text = (CLUSTER / name).read_text()
+def assert_only_placeholders(text: str) -> None:
+    """No keys or tokens; account ids, buckets and projects only the documented placeholders."""
     assert not re.search(r"AKIA[0-9A-Z]{16}|(?i:secret_access_key|private key-----|auth_token:\s*\S)", text)
     assert set(re.findall(r"(?<!\d)\d{12}(?!\d)", text)) <= {"123456789012"}
     assert set(re.findall(r"\b(?:s3|gs)://([\w.-]+)", text)) <= {"my-bucket"}
     assert set(re.findall(r"@([\w-]+)\.iam\.gserviceaccount\.com", text)) <= {"my-project"}
+
+
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY + ["../Dockerfile"])
+def test_no_credentials_only_marked_placeholders(name):
+    text = (CLUSTER / name).read_text()
+    assert_only_placeholders(text)
     lines = text.splitlines()
     unmarked = [
         line for i, line in enumerate(lines)
         if not line.lstrip().startswith("#") and re.search(r"123456789012|my-project|my-bucket|REGISTRY/", line) and not _marked(lines, i)
     ]
     assert not unmarked
+
+
+def test_walkthrough_uses_only_placeholders():
+    text = (CLUSTER / "README.md").read_text()
+    assert_only_placeholders(text)
+    assert "`CHANGE:`" in text and "my-bucket" in text  # says which values are the user's

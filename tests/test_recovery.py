@@ -22,6 +22,7 @@ from padim_ray.config import ClusterConfig
 from padim_ray.fit import FitLostError, accumulate, actor_name, fit_model, update_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
+from padim_ray.storage import Location
 from conftest import SMALL_MODEL, relative_error, start_local_ray
 from test_fit import DIMS, GRID, embeddings_dataset
 
@@ -89,7 +90,7 @@ def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_pa
     with pytest.raises(FitLostError, match=r"1 stats actors were lost, more than --max-retries 0 .*; \d+ of 15 work units are unfinished; .*rerun the same command to resume") as error:
         run_fit(cluster, tmp_path / "checkpoints", kill=True)
     assert "\n" not in str(error.value)
-    assert Checkpoints(tmp_path / "checkpoints").files()  # the lost actor's work is kept for a rerun
+    assert Checkpoints(Location(tmp_path / "checkpoints")).files()  # the lost actor's work is kept for a rerun
 
 
 def stop_after_a_new_checkpoint(command: list[str], env: dict, checkpoints: Path, stop: signal.Signals) -> subprocess.CompletedProcess:

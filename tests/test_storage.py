@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,62 +24,7 @@ from padim_ray.storage import (
     storage_errors,
 )
 from padim_ray.video import expand_inputs, iter_unit_frames, make_units
-
-BUCKET = "padim-test"
-
-
-def set_moto_auth(endpoint: str, count: str) -> None:
-    """Moto's IAM mode: "0" checks every request from now on, "inf" turns checks off."""
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
-    )
-    urllib.request.urlopen(request, timeout=10).read()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free local port, the AWS_* variables pointing at it, and a bucket."""
-    moto_server = pytest.importorskip("moto.server")
-    import s3fs
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", endpoint)  # read by botocore: no endpoint is passed in code
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_CONFIG_FILE", str(empty))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        s3fs.S3FileSystem.clear_instance_cache()  # instances remember the environment they were made in
-        Location(f"s3://{BUCKET}").fs.mkdir(BUCKET)
-        try:
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
-
-
-@pytest.fixture
-def prefix(s3) -> Location:
-    """A fresh prefix in the test bucket."""
-    return Location(f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path) -> Location:
-    """A fresh folder: local, or a prefix on the S3 server."""
-    if request.param == "local":
-        (tmp_path / "root").mkdir()  # local parents must exist, as for --out today
-        return Location(tmp_path / "root")
-    return request.getfixturevalue("prefix")
-
+from conftest import BUCKET, set_moto_auth
 
 def tiny_video(frames: int = 8, size: int = 64) -> bytes:
     """An MPEG-4 video in memory whose frame i is the flat grey level 30 * i."""
@@ -212,7 +156,7 @@ def test_publish_protocol(where):
 
     with pytest.raises(StorageError) as err:
         begin_store(target, overwrite=False)
-    assert str(err.value).startswith(f"{target}: ") and "--overwrite" in str(err.value)
+    assert str(err.value) == f"output {target} already exists; pass --overwrite or choose another --out"
 
     pending = begin_store(target, overwrite=True)
     if target.is_remote:  # no rename on object storage: the old root goes first, then its arrays

@@ -1,4 +1,4 @@
-"""The zarr model store: chunking by shard, atomic publish, version checks."""
+"""The zarr model store: chunking by shard, atomic publish, version checks (on disk and on S3)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray.store import StoreError, create_model_store, make_staging, open_model, publish, set_model_attributes, write_shard
+from padim_ray.storage import WRITING_MARKER, Location, StorageError, begin_store, staged_store
+from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
 
 
-def _staged_store(tmp_path, positions=10, dims=3, shard=4):
-    out = tmp_path / "model"
-    staging = make_staging(out, overwrite=False)
-    create_model_store(staging, positions, dims, shard)
+def _pending_model(target: Location, positions=10, dims=3, shard=4, overwrite=False):
+    pending = begin_store(target, overwrite)
+    create_model_store(pending, positions, dims, shard)
     rng = np.random.default_rng(0)
     arrays = {
         "mean": rng.normal(size=(positions, dims)),
@@ -21,16 +21,18 @@ def _staged_store(tmp_path, positions=10, dims=3, shard=4):
         "m2": rng.normal(size=(positions, dims, dims)),
     }
     for start in range(0, positions, shard):
-        write_shard(staging, start, {k: v[start : start + shard] for k, v in arrays.items()})
-    return out, staging, arrays
+        write_shard(pending.root, start, {k: v[start : start + shard] for k, v in arrays.items()})
+    return pending, arrays
 
 
-def test_store_round_trip_and_chunking(tmp_path):
-    out, staging, arrays = _staged_store(tmp_path)
-    assert not out.exists()  # nothing at the target until published
-    set_model_attributes(staging, {"frames": 7})
-    publish(staging, out, overwrite=False)
-    assert not staging.exists()
+def test_store_round_trip_and_chunking(where):
+    out = where / "model"
+    pending, arrays = _pending_model(out)
+    with pytest.raises(StoreError, match="incomplete|not found"):
+        open_model(out)  # nothing opens as a model until published
+    publish_model(pending, {"frames": 7})
+    assert not (out / WRITING_MARKER).exists()
+    assert [p.name for p in where.iterdir()] == ["model"]  # no staging left beside it
     model = open_model(out)
     assert model.attrs["frames"] == 7 and model.attrs["format_version"] == 1
     np.testing.assert_array_equal(model.read("mean"), arrays["mean"])
@@ -39,22 +41,33 @@ def test_store_round_trip_and_chunking(tmp_path):
     assert model.group["covariance"].chunks == (4, 3, 3)
 
 
-def test_overwrite_replaces_an_existing_store(tmp_path):
-    out, staging, _ = _staged_store(tmp_path)
-    set_model_attributes(staging, {"frames": 1})
-    publish(staging, out, overwrite=False)
-    staging = make_staging(out, overwrite=True)
-    create_model_store(staging, 10, 3, 4)
-    set_model_attributes(staging, {"frames": 2})
-    publish(staging, out, overwrite=True)
+def test_overwrite_replaces_an_existing_store(where):
+    out = where / "model"
+    pending, _ = _pending_model(out)
+    publish_model(pending, {"frames": 1})
+    with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
+        begin_store(out, overwrite=False)
+    assert open_model(out).attrs["frames"] == 1  # a refused run leaves the model alone
+    pending, _ = _pending_model(out, overwrite=True)
+    publish_model(pending, {"frames": 2})
     assert open_model(out).attrs["frames"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in where.iterdir()] == ["model"]
+
+
+def test_a_failed_write_leaves_nothing_that_opens(where):
+    out = where / "model"
+    with pytest.raises(RuntimeError), staged_store(out, overwrite=False) as pending:
+        create_model_store(pending, 10, 3, 4)
+        raise RuntimeError("the fit failed")
+    with pytest.raises(StoreError, match="not found"):
+        open_model(out)
+    assert not where.exists() or where.iterdir() == []  # an S3 prefix with no objects does not exist
 
 
 def test_unknown_format_version_is_refused(tmp_path):
-    out, staging, _ = _staged_store(tmp_path)
-    set_model_attributes(staging, {})
-    publish(staging, out, overwrite=False)
+    out = tmp_path / "model"
+    pending, _ = _pending_model(Location(out))
+    publish_model(pending, {})
     zarr.open_group(str(out), mode="r+").attrs["format_version"] = 99
     with pytest.raises(StoreError, match=f"model {out} has format version 99, this padim-ray reads version 1"):
         open_model(out)
@@ -70,7 +83,7 @@ def test_not_a_store(tmp_path):
 
 def test_staging_checks_the_target(tmp_path):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(StoreError, match="already exists; pass --overwrite"):
-        make_staging(tmp_path / "taken", overwrite=False)
-    with pytest.raises(StoreError, match="does not exist"):
-        make_staging(tmp_path / "no" / "model", overwrite=False)
+    with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
+        begin_store(tmp_path / "taken", overwrite=False)
+    with pytest.raises(StorageError, match="does not exist"):
+        begin_store(tmp_path / "no" / "model", overwrite=False)
