@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -181,7 +183,7 @@ def accumulate(
     checkpoints: Checkpoints | None = None,
     held: list[Partial] = (),
     expected_frames: int | None = None,
-    shared_bar=None,
+    shared: SharedJob | None = None,
 ) -> Accumulated:
     """Fold every frame of `units` into per-position statistics with stats actors, exactly once.
 
@@ -192,58 +194,59 @@ def accumulate(
     (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A unit the
     decoder marks undecodable is left out: every accumulator that holds frames of it is discarded,
     with its checkpoint if that holds some too, and the frames it held are redone.
-    Only the caller owns the returned refs; the driver never fetches statistics. Progress shows in
-    its own bar, or counts into `shared_bar` (a tqdm bar shared by concurrent fits).
+    Only the caller owns the returned refs; the driver never fetches statistics. With `shared`,
+    progress counts into the job's bar and the actors wait for the job's actor slot.
     """
     bounds = shard_bounds(positions, dims, cluster.shard_bytes)
     partials = list(held) + [Partial.from_checkpoint(file, bounds) for file in (checkpoints.files() if checkpoints else [])]
-    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit", shared_bar), checkpoints)
+    pool = StatsPool(partials, bounds, Progress(expected_frames, "fit", shared.bar if shared else None), checkpoints)
     if pool.progress.held:
         log.info("fit: resuming with %d frames already held (%s)", pool.progress.held, checkpoints.path if checkpoints else "model")
-    bad: set[int] = set()
-    lost, lost_now = 0, False
-    try:
-        while True:
-            held_now = pool.accounting()
-            if held_now.bad - bad:
-                bad |= held_now.bad
-                tainted = [i for i, (accounting, _) in enumerate(pool.outcomes) if accounting.touches(bad)]
-                log.warning("fit: leaving out %d undecodable input(s); redoing the frames of %d actor(s) that used them", len(bad), len(tainted))
-                pool.drop(tainted, bad)
+    with shared.actor_slot if shared else contextlib.nullcontext():  # one fit's actors on the cluster at a time
+        bad: set[int] = set()
+        lost, lost_now = 0, False
+        try:
+            while True:
                 held_now = pool.accounting()
-            elif pool.outcomes and not lost_now:
-                break  # a clean pass: done, or frames are missing that the accounting check names
-            todo = held_now.unfinished([u for u in units if u.uid not in bad])
-            if not todo:
-                break
-            if not pool.actors:
-                pool.actors, pool.files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
-            outcomes = stream_to_actors(frames_for(todo), pool.actors, cluster.batch_size, pool.progress)
-            raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
-            dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
-            pool.outcomes, lost_now = outcomes, bool(dead)
-            if dead:
-                lost += len(dead)
-                cause = first_line(outcomes[dead[0]])
-                log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
-                pool.drop(dead, bad)
-                if lost > cluster.max_retries:
-                    good = [u for u in units if u.uid not in bad]
-                    unfinished = len(pool.accounting().unfinished(good))
-                    where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
-                    raise FitLostError(
-                        f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); "
-                        f"{unfinished} of {len(good)} work units are unfinished; {where}"
-                    )
-        accounting = pool.accounting()
-        count = sum(p.count for p in pool.partials) + sum(frames for _, frames in pool.outcomes)
-        if count != accounting.count + sum(p.count - p.accounting.count for p in pool.partials):
-            raise FrameAccountingError(f"statistics hold {count} frames, the actors counted {accounting.count}")
-        per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in pool.actors]
-        shard_refs = [refs if isinstance(refs, list) else [refs] for refs in per_actor] + [p.shards for p in pool.partials]
-        ray.wait([ref for refs in shard_refs for ref in refs], num_returns=sum(map(len, shard_refs)), fetch_local=False)
-    finally:
-        pool.close()
+                if held_now.bad - bad:
+                    bad |= held_now.bad
+                    tainted = [i for i, (accounting, _) in enumerate(pool.outcomes) if accounting.touches(bad)]
+                    log.warning("fit: leaving out %d undecodable input(s); redoing the frames of %d actor(s) that used them", len(bad), len(tainted))
+                    pool.drop(tainted, bad)
+                    held_now = pool.accounting()
+                elif pool.outcomes and not lost_now:
+                    break  # a clean pass: done, or frames are missing that the accounting check names
+                todo = held_now.unfinished([u for u in units if u.uid not in bad])
+                if not todo:
+                    break
+                if not pool.actors:
+                    pool.actors, pool.files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
+                outcomes = stream_to_actors(frames_for(todo), pool.actors, cluster.batch_size, pool.progress)
+                raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
+                dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
+                pool.outcomes, lost_now = outcomes, bool(dead)
+                if dead:
+                    lost += len(dead)
+                    cause = first_line(outcomes[dead[0]])
+                    log.warning("fit: lost %d stats actor(s) (%s); redoing the frames they held since their last checkpoint", len(dead), cause)
+                    pool.drop(dead, bad)
+                    if lost > cluster.max_retries:
+                        good = [u for u in units if u.uid not in bad]
+                        unfinished = len(pool.accounting().unfinished(good))
+                        where = f"progress is kept in {checkpoints.path}: rerun the same command to resume" if checkpoints else "no checkpoints were kept"
+                        raise FitLostError(
+                            f"{lost} stats actors were lost, more than --max-retries {cluster.max_retries} ({cause}); "
+                            f"{unfinished} of {len(good)} work units are unfinished; {where}"
+                        )
+            accounting = pool.accounting()
+            count = sum(p.count for p in pool.partials) + sum(frames for _, frames in pool.outcomes)
+            if count != accounting.count + sum(p.count - p.accounting.count for p in pool.partials):
+                raise FrameAccountingError(f"statistics hold {count} frames, the actors counted {accounting.count}")
+            per_actor = [actor.shards.options(num_returns=len(bounds)).remote(bounds) for actor in pool.actors]
+            shard_refs = [refs if isinstance(refs, list) else [refs] for refs in per_actor] + [p.shards for p in pool.partials]
+            ray.wait([ref for refs in shard_refs for ref in refs], num_returns=sum(map(len, shard_refs)), fetch_local=False)
+        finally:
+            pool.close()
     roots = [reduce_tree([refs[s] for refs in shard_refs], cluster.fan_in) for s in range(len(bounds))]
     return Accumulated(roots, bounds, accounting, count, lost, bad)
 
@@ -299,16 +302,16 @@ def fit_model(
     address: str | None = None,
     checkpoint_dir: str | Path | Location | None = None,
     skip_bad_inputs: bool = False,
-    progress_bar=None,
+    shared: SharedJob | None = None,
 ) -> FitResult:
     """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`.
 
     Progress is checkpointed in `checkpoint_dir` (default: next to `out`); rerunning the same fit
     after a crash resumes from there, and a finished fit removes it. An input that cannot be decoded
     stops the fit, or with `skip_bad_inputs` is left out and listed in the model's `skipped_inputs`.
-    Progress counts into `progress_bar` (a tqdm bar) when given, else into a bar of its own.
+    `shared` is given by a job that runs several fits at once (see scenes.py).
     """
-    job = FitJob(Location(out), cluster, overwrite, address, checkpoint_dir, skip_bad_inputs, progress_bar)
+    job = FitJob(Location(out), cluster, overwrite, address, checkpoint_dir, skip_bad_inputs, shared)
     embedder = Embedder(model)  # checks backbone, dims and weights here, before any cluster work
     return _fit_units(job, list(inputs), model, embedder)
 
@@ -352,6 +355,16 @@ def update_model(
 
 
 @dataclass(frozen=True)
+class SharedJob:
+    """What concurrent fits of one job share: one progress bar (tqdm), and the slot their stats
+    actors take in turn. Two fits' actors at once could reserve the CPUs that decoding needs, and
+    then neither stream moves; in turn, one fit's start and finish still overlap another's actors."""
+
+    bar: object
+    actor_slot: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
 class FitJob:
     """Where a fit writes and how it runs (what does not change the model)."""
 
@@ -361,7 +374,7 @@ class FitJob:
     address: str | None
     checkpoint_dir: str | Path | Location | None
     skip_bad_inputs: bool
-    progress_bar: object = None  # a tqdm bar shared with other fits of the same job
+    shared: SharedJob | None = None
 
 
 @dataclass(frozen=True)
@@ -458,7 +471,7 @@ def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, ex
 
     make_embedder = functools.partial(Embedder, model)
     return accumulate(
-        frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected, job.progress_bar
+        frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected, job.shared
     )
 
 

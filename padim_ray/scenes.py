@@ -1,11 +1,12 @@
 """Many ShanghaiTech scenes in one job: `padim-ray fit stc --scene all` (or `--scene 01,04`).
 
 Each scene gets its own model, fitted exactly as `fit stc --scene S` would. Up to `in_flight`
-scenes run at once on the one cluster: while a scene embeds, the next one lists and probes its
-videos and its actors queue for the GPUs (or CPUs); they start the moment the running scene
-releases its actors, and that scene's reduction and model write (CPU and storage work) overlap
-the next scene's embedding. So the accelerators do not wait between scenes, and memory stays that
-of `in_flight` single-scene fits instead of one accumulator per scene in every actor.
+scenes run at once on the one cluster, their stats actors in turn (SharedJob.actor_slot): while a
+scene embeds, the next one lists and probes its videos and reads its checkpoints; its actors start
+the moment the running scene releases its own, and that scene's reduction and model write (CPU
+and storage work) overlap the next scene's embedding. So the accelerators do not wait for a
+model to be written, and memory stays that of `in_flight` single-scene fits instead of one
+accumulator per scene in every actor.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.errors import PadimError, first_line
-from padim_ray.fit import FitResult, fit_model
+from padim_ray.fit import FitResult, SharedJob, fit_model
 from padim_ray.runtime import connect
 from padim_ray.stc import scene_videos
 from padim_ray.storage import Location, StorageError
@@ -82,14 +83,14 @@ def fit_scenes(
     naming the failed scene, the fitted ones and the `--scene` list that would finish the job.
     """
     connect(address)
-    bar = tqdm(total=0, unit="frame", desc=f"fit {len(fits)} scenes", file=sys.stderr, mininterval=2)
+    shared = SharedJob(tqdm(total=0, unit="frame", desc=f"fit {len(fits)} scenes", file=sys.stderr, mininterval=2))
     try:
         _run(fits, in_flight, lambda fit: fit_model(
             fit.videos, fit.out, model, cluster, overwrite=overwrite, address=address,
-            checkpoint_dir=fit.checkpoint_dir, skip_bad_inputs=skip_bad_inputs, progress_bar=bar,
+            checkpoint_dir=fit.checkpoint_dir, skip_bad_inputs=skip_bad_inputs, shared=shared,
         ))
     finally:
-        bar.close()
+        shared.bar.close()
     failed = [fit for fit in fits if fit.error is not None]
     if failed:
         done = [fit.scene for fit in fits if fit.result is not None]

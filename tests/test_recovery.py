@@ -38,20 +38,21 @@ CHECKPOINT_EACH_BATCH = dict(batch_size=5, fan_in=2, checkpoint_every=0.0, shard
 
 
 class ActorKiller(threading.Thread):
-    """Kills the stats actor of the first checkpoint file that appears in `folder` (`ray.kill`)."""
+    """Kills the stats actor of the first checkpoint file that appears in `folder` (`ray.kill`),
+    a local folder or a bucket prefix."""
 
     def __init__(self, folder):
         super().__init__(daemon=True)
-        self.folder, self.killed = folder, None
+        self.checkpoints, self.killed = Checkpoints(Location(folder)), None
 
     def run(self):
         deadline = time.monotonic() + 120
         while self.killed is None and time.monotonic() < deadline:
-            for file in self.folder.glob("actor-*.npz"):
-                ray.kill(ray.get_actor(actor_name(str(file))))
+            for file in self.checkpoints.files():
+                ray.kill(ray.get_actor(actor_name(file)))
                 self.killed = file
                 break
-            time.sleep(0.01)
+            time.sleep(0.01 if not self.checkpoints.path.is_remote else 0.05)
 
 
 def run_fit(cluster: ClusterConfig, checkpoint_dir=None, kill: bool = False):
