@@ -9,6 +9,7 @@ them holds. A folder of another fit's identity is refused, never mixed in.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -61,16 +62,21 @@ class Checkpoints:
         return cls(path)
 
     def _glob(self, pattern: str) -> list[Location]:
-        prefix = f"{self.path.protocol}://" if self.path.is_remote else ""
-        try:
-            found = self.path.fs.glob(f"{self.path.path}/{pattern}")
-        except FileNotFoundError:
-            found = []
-        return [Location(prefix + p, self.path.storage_options) for p in sorted(found)]
+        """This folder's files whose names match `pattern` (the folder's own name is never a pattern)."""
+        if not self.path.exists():
+            return []
+        return [file for file in self.path.iterdir() if fnmatch.fnmatchcase(file.name, pattern)]
 
     def files(self) -> list[Location]:
-        """Every checkpoint: each actor's last one and those taken over from lost actors, of every run."""
-        return self._glob("actor-*.npz") + self._glob("claimed-actor-*.npz")
+        """Every checkpoint: each actor's last one and those taken over from lost actors, of every run.
+
+        An actor's file with a lost marker is left out: the actor was taken for lost and its file
+        claimed, and a save it finished after that (possible on object storage, where the claim is a
+        copy and a delete) holds frames that were redone elsewhere.
+        """
+        lost = {file.name for file in self._glob("actor-*.npz.lost")}
+        actors = [file for file in self._glob("actor-*.npz") if f"{file.name}.lost" not in lost]
+        return actors + self._glob("claimed-actor-*.npz")
 
     def claim(self, file: Location) -> Location:
         """Take over a lost actor's checkpoint: mark it so the actor, if it is still running after

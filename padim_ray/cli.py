@@ -121,7 +121,7 @@ def fit(
     Rerunning an interrupted fit resumes it from its checkpoints.
     """
     from padim_ray.fit import fit_model
-    from padim_ray.stc import scene_videos, select_scenes, training_scenes
+    from padim_ray.stc import scene_path, scene_videos, select_scenes, training_scenes
 
     with _one_line_errors():
         model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
@@ -139,7 +139,7 @@ def fit(
                 scenes = select_scenes(scene, training_scenes(root) if scene.strip() == "all" else [])
                 return _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs)
             inputs = scene_videos(root, scene)
-            out = out.format(scene=scene) if "{scene}" in out else out
+            out, checkpoint_dir = scene_path(out, scene), checkpoint_dir and scene_path(checkpoint_dir, scene)
         else:
             if not paths or out is None:
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
@@ -157,13 +157,27 @@ def _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, ad
     from padim_ray.scenes import fit_scenes, format_scene_table, plan_scenes
 
     started = time.monotonic()
-    fits = plan_scenes(root, scenes, out, checkpoint_dir, overwrite)
+    fits = plan_scenes(root, scenes, out, checkpoint_dir, overwrite, model)
     typer.echo(f"fitting {len(fits)} scenes ({', '.join(scenes)}) -> {out}", err=True)
-    fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, skip_bad_inputs=skip_bad_inputs)
+    try:
+        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, skip_bad_inputs=skip_bad_inputs)
+    except KeyboardInterrupt:
+        _exit_interrupted_scenes()
     typer.echo(format_scene_table(fits, time.monotonic() - started))
     for fit in fits:
         for skipped in fit.result.skipped:
             typer.echo(f"scene {fit.scene} skipped {skipped['path']}: {skipped['reason']}")
+
+
+def _exit_interrupted_scenes() -> None:
+    """Ctrl-C during a many-scene job: its scene threads may be inside Ray calls that would keep
+    the interpreter from exiting, so the process ends at once (exit 130). A local Ray it started
+    shares its fate; a cluster's job actors end with their driver."""
+    typer.echo("fit stopped: progress is kept in each scene's checkpoints; rerun the same command to resume", err=True)
+    typer.echo("error: interrupted", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _echo_fit(result) -> None:
@@ -180,6 +194,7 @@ def update(
     model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI); replaced when done unless --out.")],
     inputs: Annotated[list[str], typer.Argument(help="New videos or folders of frames to merge in (paths or URIs).")],
     out: Annotated[Optional[str], typer.Option(help="Write the updated model here instead (required for a model on object storage).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     force: Annotated[bool, typer.Option(help="Merge inputs the model already holds (their frames count twice).")] = False,
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
@@ -201,7 +216,7 @@ def update(
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
-            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs, out=out,
+            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs, out=out, overwrite=overwrite,
         )
     _echo_fit(result)
 
@@ -259,7 +274,7 @@ def evaluate(
 def render(
     maps: Annotated[str, typer.Argument(help="Anomaly-map store written by `padim-ray score` (path or URI).")],
     input: Annotated[str, typer.Argument(help="The scored video or folder of frames (path or URI).")],
-    out: Annotated[Path, typer.Option(help="MP4 file to write.")],
+    out: Annotated[str, typer.Option(help="MP4 file to write, path or URI.")],
     fps: Annotated[int, typer.Option(help="Frames per second of the output.")] = 24,
 ) -> None:
     """Write the footage with its anomaly heatmap and a score timeline as an MP4."""

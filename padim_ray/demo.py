@@ -11,6 +11,7 @@ from padim_ray.evaluate import SceneReport, evaluate_stc, format_table
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos, test_clips
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
+from padim_ray.storage import Location
 from padim_ray.viz import render_input
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,10 @@ DEMO_MODEL = ModelConfig(backbone="efficientnet_lite0", weights="imagenet")  # w
 @dataclass
 class DemoResult:
     data: Path
-    model: Path
+    model: Location
     maps: Path
     evaluation: Path
-    video: Path
+    video: Location
     report: SceneReport
 
 

@@ -137,14 +137,14 @@ def evaluate_stc(
     metrics and plots per scene and a `metrics.json` of all scenes under `out`.
     """
     from padim_ray.score import score_inputs
-    from padim_ray.stc import select_scenes, test_scenes
+    from padim_ray.stc import scene_path, select_scenes, test_scenes
 
     if maps is None and model is None:
         raise PadimError("evaluate needs --maps (scored maps) or --model (to score the test clips first)")
     out = Location(out)
     scenes = select_scenes(scene, test_scenes(root) if scene.strip() == "all" else [])
     if scene.strip() == "all" and model is not None:
-        scenes = [s for s in scenes if is_committed(model.format(scene=s))]
+        scenes = [s for s in scenes if is_committed(scene_path(model, s))]
         if not scenes:
             raise PadimError(f"no model matches {model} for any test scene of {root}; fit one with `padim-ray fit stc`")
     for s in scenes:  # every clip's masks, before any scoring
@@ -152,11 +152,11 @@ def evaluate_stc(
             mask_paths(root, clip.name)
     reports = []
     for s in scenes:
-        maps_path = Location(maps.format(scene=s)) if maps else out / f"maps_{s}"
+        maps_path = Location(scene_path(maps, s)) if maps else out / f"maps_{s}"
         if model is not None:
             if not maps_path.is_remote:
                 os.makedirs(maps_path.parent.path, exist_ok=True)
-            score_inputs(model.format(scene=s), test_clips(root, s), maps_path, **(score_kwargs or {}))
+            score_inputs(scene_path(model, s), test_clips(root, s), maps_path, **(score_kwargs or {}))
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")
         reports.append(report)

@@ -22,7 +22,7 @@ from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
-from padim_ray.checkpoint import Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
+from padim_ray.checkpoint import CheckpointError, Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
@@ -63,7 +63,10 @@ class StatsActor(SplitConsumer):
             if lost_marker(self.checkpoint_file).exists():  # the driver took this actor for lost
                 self.checkpoint_file, self.stopping = None, True
                 return
-            save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
+            try:
+                save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
+            except CheckpointError as err:  # e.g. storage briefly unavailable: the statistics are intact, try again later
+                log.warning("stats actor: %s; retrying in %g s", err, self.checkpoint_every)
             self.saved_at = time.monotonic()
 
     def result(self) -> int:
@@ -325,12 +328,14 @@ def update_model(
     checkpoint_dir: str | Path | Location | None = None,
     skip_bad_inputs: bool = False,
     out: str | Path | Location | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Merge the frames of `inputs` into the stored model at `model_path` (equal to one fit on all of them).
 
     The model's stored statistics (frames, mean, m2) are merged exactly with the new frames'. The
     updated model goes to `out`, or replaces the old one in one rename (local models only: object
-    storage has no rename, so a model there is updated into a new `out`).
+    storage has no rename, so a model there is updated into a new `out`); an existing `out` is
+    replaced only with `overwrite`.
     """
     model_path = Location(model_path)
     target = Location(out) if out is not None else model_path
@@ -350,7 +355,7 @@ def update_model(
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
     base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"], store.attrs.get("skipped_inputs", []))
-    job = FitJob(target, cluster, target == model_path, address, checkpoint_dir, skip_bad_inputs)
+    job = FitJob(target, cluster, overwrite or target == model_path, address, checkpoint_dir, skip_bad_inputs)
     return _fit_units(job, list(inputs), model, embedder, base)
 
 

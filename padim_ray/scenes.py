@@ -22,8 +22,9 @@ from padim_ray.config import ClusterConfig, ModelConfig
 from padim_ray.errors import PadimError, first_line
 from padim_ray.fit import FitResult, SharedJob, fit_model
 from padim_ray.runtime import connect
-from padim_ray.stc import scene_videos
-from padim_ray.storage import Location, StorageError
+from padim_ray.stc import scene_path, scene_videos
+from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committed
+from padim_ray.store import open_model
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ class ScenesError(PadimError):
 
 @dataclass
 class SceneFit:
-    """One scene of the job: its inputs and output, then its result or the error that ended it."""
+    """One scene of the job: its inputs and output, then its result or the error that ended it.
+
+    `kept` marks a scene whose model an earlier run of the same job already published.
+    """
 
     scene: str
     videos: list[Location]
@@ -44,28 +48,47 @@ class SceneFit:
     checkpoint_dir: Location | None
     result: FitResult | None = None
     error: BaseException | None = None
+    kept: bool = False
 
 
-def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, overwrite: bool) -> list[SceneFit]:
-    """Every scene's videos and output, checked before any work: layout, distinct outputs, no clobbering."""
-    if len(scenes) > 1 and "{scene}" not in out:
-        raise PadimError(f"--out {out} must contain {{scene}} when fitting several scenes, e.g. models/stc_{{scene}}")
+def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, overwrite: bool, model: ModelConfig) -> list[SceneFit]:
+    """Every scene's videos and output, checked before any work: layout, distinct outputs, no clobbering.
+
+    A scene whose model a run of the same job (same settings, same videos) has published is kept,
+    so rerunning an interrupted job resumes it; `overwrite` refits it instead.
+    """
+    for option, value in (("--out", out), ("--checkpoint-dir", checkpoint_dir)):
+        if len(scenes) > 1 and value is not None and "{scene}" not in value:
+            raise PadimError(f"{option} {value} must contain {{scene}} when fitting several scenes, e.g. models/stc_{{scene}}")
     fits = [
-        SceneFit(scene, scene_videos(root, scene), Location(out.format(scene=scene)), _checkpoint_dir(checkpoint_dir, scene))
+        SceneFit(
+            scene, scene_videos(root, scene), Location(scene_path(out, scene)),
+            Location(scene_path(checkpoint_dir, scene)) if checkpoint_dir else None,
+        )
         for scene in scenes
     ]
-    existing = [fit for fit in fits if fit.out.exists()]
-    if existing and not overwrite:
-        rest = ",".join(fit.scene for fit in fits if fit not in existing)
-        hint = f"; fit the others with --scene {rest}" if rest else ""
-        raise StorageError(f"output {existing[0].out} already exists ({len(existing)} of {len(fits)} scenes); pass --overwrite{hint}")
+    for fit in fits:
+        if not overwrite:
+            _keep_or_refuse(fit, model)
     return fits
 
 
-def _checkpoint_dir(template: str | None, scene: str) -> Location | None:
-    if template is None:
-        return None  # each model's default, next to it
-    return Location(template.format(scene=scene)) if "{scene}" in template else Location(template) / f"scene_{scene}"
+def _keep_or_refuse(fit: SceneFit, model: ModelConfig) -> None:
+    """Mark `fit` kept if its output is this job's published model; refuse any other existing output."""
+    if is_committed(fit.out):
+        attrs = open_model(fit.out).attrs
+        ours = {k: v for k, v in model.to_dict().items() if k != "dims" or v is not None}
+        stored = {k: attrs["config"].get(k) for k in ours}
+        inputs = {Location(s["path"]).uri for s in attrs["sources"] + attrs.get("skipped_inputs", [])}
+        if stored != ours or inputs != {video.uri for video in fit.videos}:
+            raise StorageError(
+                f"output {fit.out} holds a model of other settings or footage; pass --overwrite to refit it, or choose another --out"
+            )
+        fit.kept = True
+        fit.result = FitResult(out=fit.out, frames=attrs["frames"], seconds=0.0)
+        log.info("scene %s: kept the model an earlier run published at %s", fit.scene, fit.out)
+    elif fit.out.exists() and not (fit.out.is_remote and (fit.out / WRITING_MARKER).exists()):
+        raise StorageError(f"output {fit.out} already exists and is not a model; pass --overwrite or choose another --out")
 
 
 def fit_scenes(
@@ -80,12 +103,13 @@ def fit_scenes(
     """Fit every planned scene (see plan_scenes), `in_flight` at a time, with one progress bar.
 
     A failing scene stops new scenes from starting; the ones running finish. Raises ScenesError
-    naming the failed scene, the fitted ones and the `--scene` list that would finish the job.
+    naming the failed scene and the fitted ones; rerunning the job keeps those (see plan_scenes).
     """
+    todo = [fit for fit in fits if not fit.kept]
     connect(address)
     shared = SharedJob(tqdm(total=0, unit="frame", desc=f"fit {len(fits)} scenes", file=sys.stderr, mininterval=2))
     try:
-        _run(fits, in_flight, lambda fit: fit_model(
+        _run(todo, in_flight, lambda fit: fit_model(
             fit.videos, fit.out, model, cluster, overwrite=overwrite, address=address,
             checkpoint_dir=fit.checkpoint_dir, skip_bad_inputs=skip_bad_inputs, shared=shared,
         ))
@@ -94,14 +118,13 @@ def fit_scenes(
     failed = [fit for fit in fits if fit.error is not None]
     if failed:
         done = [fit.scene for fit in fits if fit.result is not None]
-        rest = ",".join(fit.scene for fit in fits if fit.result is None)
         error = failed[0].error
         if not isinstance(error, PadimError):
-            log.error("scene %s failed; fitted: %s; fit the rest with --scene %s", failed[0].scene, ", ".join(done) or "none", rest)
+            log.error("scene %s failed; fitted: %s; rerun the same command to fit the rest", failed[0].scene, ", ".join(done) or "none")
             raise error
         raise ScenesError(
             f"scene {failed[0].scene}: {first_line(error)} (fitted: {', '.join(done) or 'none'}; "
-            f"fit the rest with --scene {rest})"
+            "rerun the same command to fit the rest: fitted scenes are kept)"
         ) from error
     return fits
 
@@ -134,11 +157,12 @@ def _run(fits: list[SceneFit], in_flight: int, fit_one) -> None:
 
 
 def format_scene_table(fits: list[SceneFit], seconds: float) -> str:
-    """scene, videos, frames, seconds and model URI of every fitted scene; the job's wall time last."""
+    """scene, videos, frames, seconds (or kept) and model URI of every scene; the job's wall time last."""
     lines = [f"{'scene':<6}{'videos':>7}{'frames':>9}{'seconds':>9}  model"]
     for fit in fits:
         result = fit.result
-        lines.append(f"{fit.scene:<6}{len(fit.videos):>7}{result.frames:>9}{result.seconds:>9.1f}  {result.out}")
+        took = "kept" if fit.kept else f"{result.seconds:.1f}"
+        lines.append(f"{fit.scene:<6}{len(fit.videos):>7}{result.frames:>9}{took:>9}  {result.out}")
     total = sum(fit.result.frames for fit in fits)
     lines.append(f"{'all':<6}{sum(len(f.videos) for f in fits):>7}{total:>9}{seconds:>9.1f}")
     return "\n".join(lines)

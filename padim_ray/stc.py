@@ -43,6 +43,11 @@ def training_scenes(root: str | Path | Location) -> list[str]:
     return sorted({v.name[:2] for v in videos_dir.iterdir() if fnmatch.fnmatch(v.name, "[0-9][0-9]_*.avi")})
 
 
+def scene_path(template: str, scene: str) -> str:
+    """`template` with `{scene}` replaced (other braces are left alone: paths may contain them)."""
+    return template.replace("{scene}", scene)
+
+
 def select_scenes(text: str, available: list[str]) -> list[str]:
     """`all` -> every available scene; `01,04` -> those (in that order, each once)."""
     if text.strip() == "all":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -120,8 +121,9 @@ def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, lab
     return out
 
 
-def render_input(maps_path: str | Path | Location, input_path: str | Path | Location, out: str | Path, fps: int = 24) -> Path:
-    """Render the footage of one scored input with its maps (found by source path or input id)."""
+def render_input(maps_path: str | Path | Location, input_path: str | Path | Location, out: str | Path | Location, fps: int = 24) -> Location:
+    """Render the footage of one scored input with its maps (found by source path or input id) to `out`
+    (a path, or a URI: rendered to a temp file, then uploaded)."""
     from padim_ray.errors import PadimError
     from padim_ray.store import open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
@@ -135,4 +137,10 @@ def render_input(maps_path: str | Path | Location, input_path: str | Path | Loca
     table = read_scores(maps_path)
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
     frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
-    return render_video(frames, group[name], scores, Path(out), fps)
+    out = Location(out)
+    if not out.is_remote:
+        render_video(frames, group[name], scores, Path(out), fps)
+        return out
+    with tempfile.TemporaryDirectory(prefix="padim-render-") as tmp:
+        out.upload(str(render_video(frames, group[name], scores, Path(tmp) / out.name, fps)))
+    return out

@@ -60,22 +60,32 @@ def test_a_failed_scene_names_what_was_fitted_and_what_is_left(ray_s3, two_scene
     bad = root / "training" / "videos" / "02_001.avi"
     bad.write_bytes(b"not a video" * 1000)
     result = run("fit", "stc", "--scene", "all", "--root", root, "--out", tmp_path / "m_{scene}", *SMALL_FIT)
-    assert_clean_failure(result, "scene 02:", f"cannot open video {bad}", "--scene 02")
+    assert_clean_failure(result, "scene 02:", f"cannot open video {bad}", "fitted: 01", "rerun the same command")
     assert open_model(tmp_path / "m_01").attrs["frames"] == 20  # the good scene's model is kept
     assert not (tmp_path / "m_02").exists()
 
+    shutil.copy(two_scenes / "training" / "videos" / "02_001.avi", bad)  # fixed: the rerun fits only scene 02
+    result = run("fit", "stc", "--scene", "all", "--root", root, "--out", tmp_path / "m_{scene}", *SMALL_FIT)
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.strip().splitlines()[1:3]]
+    assert rows[0][:4] == ["01", "1", "20", "kept"] and rows[1][:3] == ["02", "1", "20"] and rows[1][3] != "kept"
+    assert open_model(tmp_path / "m_02").attrs["frames"] == 20
 
-@pytest.mark.parametrize("scene, out, message", [
-    ("01,02", "models/one", "must contain {scene}"),
-    ("01,x", "m_{scene}", "two-digit STC scene ids"),
-    ("01,07", "m_{scene}", "no training videos for scene 07"),
+
+@pytest.mark.parametrize("scene, out, extra, message", [
+    ("01,02", "models/one", [], "--out"),
+    ("all", "m_{scene}", ["--checkpoint-dir", "ckpt"], "--checkpoint-dir"),
+    ("01,x", "m_{scene}", [], "two-digit STC scene ids"),
+    ("01,07", "m_{scene}", [], "no training videos for scene 07"),
 ])
-def test_scene_lists_are_checked_before_any_work(two_scenes, tmp_path, scene, out, message):
-    result = run("fit", "stc", "--scene", scene, "--root", two_scenes, "--out", tmp_path / out, "--address", "127.0.0.1:1")
+def test_scene_lists_are_checked_before_any_work(two_scenes, tmp_path, scene, out, extra, message):
+    result = run("fit", "stc", "--scene", scene, "--root", two_scenes, "--out", tmp_path / out, *extra, "--address", "127.0.0.1:1")
     assert_clean_failure(result, message)
+    if "{scene}" not in out or extra:
+        assert "must contain {scene} when fitting several scenes" in result.stderr
 
 
 def test_existing_scene_outputs_are_not_clobbered(two_scenes, tmp_path):
     (tmp_path / "m_02").mkdir()
     result = run("fit", "stc", "--scene", "all", "--root", two_scenes, "--out", tmp_path / "m_{scene}", "--address", "127.0.0.1:1")
-    assert_clean_failure(result, f"output {tmp_path / 'm_02'} already exists", "--overwrite", "--scene 01")
+    assert_clean_failure(result, f"output {tmp_path / 'm_02'} already exists and is not a model", "--overwrite")
