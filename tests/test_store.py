@@ -87,3 +87,39 @@ def test_staging_checks_the_target(tmp_path):
         begin_store(tmp_path / "taken", overwrite=False)
     with pytest.raises(StorageError, match="does not exist"):
         begin_store(tmp_path / "no" / "model", overwrite=False)
+
+
+@pytest.fixture(scope="module")
+def gs_bucket():
+    """A Google Cloud Storage emulator on a free local port (gcsfs finds it through STORAGE_EMULATOR_HOST)."""
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    import socket
+
+    import gcsfs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="padim-gs")
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        try:
+            yield Location("gs://padim-gs")
+        finally:
+            gcsfs.GCSFileSystem.clear_instance_cache()
+            server.stop()
+
+
+def test_a_model_store_on_google_cloud_storage(gs_bucket):
+    out = gs_bucket / "models" / "model"
+    pending, arrays = _pending_model(out)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_model(out)
+    publish_model(pending, {"frames": 7})
+    model = open_model(out)
+    assert model.attrs["frames"] == 7
+    np.testing.assert_array_equal(model.read("m2", 4, 8), arrays["m2"][4:8])
+    with pytest.raises(StorageError, match=r"^gs://padim-gs/models/missing\.bin: not found"):
+        (gs_bucket / "models" / "missing.bin").read_bytes()
