@@ -61,11 +61,9 @@ class Checkpoints:
             _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
         return cls(path)
 
-    def _glob(self, pattern: str) -> list[Location]:
-        """This folder's files whose names match `pattern` (the folder's own name is never a pattern)."""
-        if not self.path.exists():
-            return []
-        return [file for file in self.path.iterdir() if fnmatch.fnmatchcase(file.name, pattern)]
+    def _listing(self) -> list[Location]:
+        """This folder's files (none if it does not exist): one listing, filtered by `_matching`."""
+        return self.path.iterdir() if self.path.exists() else []
 
     def files(self) -> list[Location]:
         """Every checkpoint: each actor's last one and those taken over from lost actors, of every run.
@@ -74,9 +72,10 @@ class Checkpoints:
         claimed, and a save it finished after that (possible on object storage, where the claim is a
         copy and a delete) holds frames that were redone elsewhere.
         """
-        lost = {file.name for file in self._glob("actor-*.npz.lost")}
-        actors = [file for file in self._glob("actor-*.npz") if f"{file.name}.lost" not in lost]
-        return actors + self._glob("claimed-actor-*.npz")
+        listing = self._listing()
+        lost = {file.name for file in _matching(listing, "actor-*.npz.lost")}
+        actors = [file for file in _matching(listing, "actor-*.npz") if f"{file.name}.lost" not in lost]
+        return actors + _matching(listing, "claimed-actor-*.npz")
 
     def claim(self, file: Location) -> Location:
         """Take over a lost actor's checkpoint: mark it so the actor, if it is still running after
@@ -98,14 +97,20 @@ class Checkpoints:
 
     def remove(self) -> None:
         """Remove this fit's files (only those: the folder may be a user's), and the folder if then empty."""
+        listing = self._listing()
         for pattern in OWN_FILES:
-            for file in self._glob(pattern):
+            for file in _matching(listing, pattern):
                 file.remove()
         if not self.path.is_remote:
             try:
                 os.rmdir(self.path.path)
             except OSError:
                 pass  # holds files of the user's, or is gone
+
+
+def _matching(files: list[Location], pattern: str) -> list[Location]:
+    """The files whose names match `pattern` (only names: a folder's own name is never a pattern)."""
+    return [file for file in files if fnmatch.fnmatchcase(file.name, pattern)]
 
 
 def lost_marker(file: Location) -> Location:

@@ -8,6 +8,7 @@ from padim_ray.errors import PadimError
 
 FORMAT_VERSION = 1  # model store layout; bump when store.py changes what it writes
 MAPS_FORMAT_VERSION = 1  # anomaly-map store layout
+SCENES_IN_FLIGHT = 2  # fit stc --scene all: one scene embedding, one preparing or writing its model
 
 
 class ConfigError(PadimError):

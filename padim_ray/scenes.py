@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from padim_ray.config import ClusterConfig, ModelConfig
+from padim_ray.config import SCENES_IN_FLIGHT, ClusterConfig, ModelConfig
 from padim_ray.errors import PadimError, first_line
 from padim_ray.fit import FitResult, SharedJob, fit_model
 from padim_ray.runtime import connect
@@ -27,8 +27,6 @@ from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committ
 from padim_ray.store import open_model
 
 log = logging.getLogger(__name__)
-
-SCENES_IN_FLIGHT = 2  # one embedding, one preparing or writing its model
 
 
 class ScenesError(PadimError):

@@ -399,12 +399,8 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
 
 
 def _write_root(where: Location, attributes: dict) -> None:
-    """One write of the root zarr.json; a root an earlier writer made (locally) just gets the attributes."""
-    store = where.zarr_store(read_only=False)
-    if (where / ROOT_METADATA).exists():
-        zarr.open_group(store, mode="r+", zarr_format=3).attrs.update(attributes)
-    else:
-        zarr.create_group(store, attributes=attributes, zarr_format=3, overwrite=False)
+    """One write of the root zarr.json (arrays are created in stores of their own, so none exists yet)."""
+    zarr.create_group(where.zarr_store(read_only=False), attributes=attributes, zarr_format=3, overwrite=False)
 
 
 def abort_store(pending: PendingStore) -> None:

@@ -53,12 +53,16 @@ def create_model_store(pending: PendingStore, positions: int, dims: int, shard_p
             zarr.create_array(pending.array_store(name), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, zarr_format=3)
 
 
+def _open_pending_array(root: Location, name: str) -> zarr.Array:
+    """Array `name` of the group being built at `root` (PendingStore.root), for writing."""
+    return zarr.open_array((root / name).zarr_store(read_only=False), mode="r+", zarr_format=3)
+
+
 def write_shard(root: Location, start: int, arrays: dict[str, np.ndarray]) -> None:
     """Write one position shard [start, start + len) of every array; shards must align with chunks."""
     with storage_errors(root):
         for name, values in arrays.items():
-            array = zarr.open_array((root / name).zarr_store(read_only=False), mode="r+", zarr_format=3)
-            array[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
+            _open_pending_array(root, name)[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
 
 
 def publish_model(pending: PendingStore, attributes: dict) -> None:
@@ -84,11 +88,11 @@ def open_model(path: Location | str | os.PathLike) -> ModelStore:
     """Open a model store (local path or URI), checking that it is one and that this version can read it."""
     path = Location(path)
     if not is_committed(path):
-        if path.is_dir() and (path / WRITING_MARKER).exists():
+        if not path.is_dir():
+            raise StoreError(f"model {path} not found; fit one with `padim-ray fit`")
+        if (path / WRITING_MARKER).exists():
             raise StoreError(f"model {path} is incomplete (its fit is running or failed); rerun the fit")
-        if path.is_dir():
-            raise StoreError(f"{path} is not a padim-ray model store (no zarr v3 group); fit one with `padim-ray fit`")
-        raise StoreError(f"model {path} not found; fit one with `padim-ray fit`")
+        raise StoreError(f"{path} is not a padim-ray model store (no zarr v3 group); fit one with `padim-ray fit`")
     with storage_errors(path):
         group = zarr.open_group(path.zarr_store(read_only=True), mode="r", zarr_format=3)
     attrs = dict(group.attrs)
@@ -149,8 +153,7 @@ class MapChunkWriter:
         """Buffer the map (in the store's dtype) of frame `index` of `input_id`; `last` marks the input's last frame."""
         if input_id not in self.arrays:  # every chunk gets written: skip zarr's all-fill-value scan (~15 ms each)
             with storage_errors(self.root):
-                array = zarr.open_array((self.root / input_id).zarr_store(read_only=False), mode="r+", zarr_format=3)
-            self.arrays[input_id] = array.with_config({"write_empty_chunks": True})
+                self.arrays[input_id] = _open_pending_array(self.root, input_id).with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
             source = self.arrays[input_id].attrs["source"]
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
@@ -189,7 +192,7 @@ def trim_map_arrays(root: Location, frames: dict[str, int]) -> None:
     """Cut each input's map array (in the pending maps.zarr `root`) to the frames actually decoded."""
     with storage_errors(root):
         for input_id, count in frames.items():
-            array = zarr.open_array((root / input_id).zarr_store(read_only=False), mode="r+", zarr_format=3)
+            array = _open_pending_array(root, input_id)
             if array.shape[0] != count:
                 array.resize((count, *array.shape[1:]))
 
