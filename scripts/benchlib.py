@@ -53,7 +53,7 @@ BITRATE = 8_000_000  # PyAV's default (~200 kbit/s) smears real footage (DESIGN.
 def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
     """The options every benchmark takes; `extra(parser)` adds a script's own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, nargs=2, default=[128, 512], metavar=("N1", "N2"), help="the two frame counts")
+    parser.add_argument("--frames", type=int, nargs=2, default=[128, 1024], metavar=("N1", "N2"), help="the two frame counts")
     parser.add_argument("--json", type=Path, default=REPO / "runs" / f"bench_{name}.json", help="where to write the results")
     parser.add_argument(
         "--source", type=Path, default=REPO / "data" / "vtest.avi",
@@ -151,7 +151,13 @@ def decode_resized(video: Path) -> np.ndarray:
 def tree_pss(root: psutil.Process) -> int:
     """PSS in bytes of `root` and all its descendants."""
     total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    for _ in range(5):  # listing fails when a child ends meanwhile (e.g. a compiler run by torch.compile)
+        try:
+            procs = [root, *root.children(recursive=True)]
+            break
+        except psutil.NoSuchProcess:
+            procs = [root]
+    for proc in procs:
         try:
             total += proc.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -168,13 +174,15 @@ class Run:
 
 @contextmanager
 def workdir() -> Iterator[Path]:
-    """A temp dir made the current one, with a Ray temp dir inside and RAY_ADDRESS unset, for this
-    process and its children: they start their own local Ray, never attach to another cluster, and
-    their Ray workers do not import from the folder the benchmark was started in."""
+    """A temp dir made the current one, with a Ray temp dir and an empty torch.compile cache inside and
+    RAY_ADDRESS unset, for this process and its children: they start their own local Ray, never attach
+    to another cluster, their Ray workers do not import from the folder the benchmark was started in,
+    and compiling starts cold (see warm_compile_cache)."""
     saved = dict(os.environ), Path.cwd()
     with tempfile.TemporaryDirectory(prefix="pb", dir="/tmp") as tmp:  # short: Ray's socket paths stay < 107 chars
         os.environ.pop("RAY_ADDRESS", None)
         os.environ["RAY_TMPDIR"] = f"{tmp}/ray"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{tmp}/inductor"
         os.chdir(tmp)
         try:
             yield Path(tmp)
@@ -280,6 +288,15 @@ def measure_row(name: str, videos: dict[int, Path], command) -> Row:
         runs.append(measure(command(n, video), n))
         print(f"  {name} at {n} frames: {runs[-1].seconds:.1f} s, peak {runs[-1].peak_bytes / 2**30:.2f} GiB", flush=True)
     return Row(name, list(videos), [r.seconds for r in runs], [r.peak_bytes for r in runs])
+
+
+def warm_compile_cache(command: list[str]) -> float:
+    """Run a `--compile on` command once, untimed in the table, so that both frame counts then start
+    from the same warm torch.compile cache (a cold compile at one count only would skew the marginal
+    rate); returns and prints its time, which includes the cold compile a node pays once."""
+    seconds = measure(command).seconds
+    print(f"  (warm-up, cold torch.compile cache) padim-ray {command[1]} --compile on: {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def decode_row(videos: dict[int, Path]) -> Row:
