@@ -2,7 +2,7 @@
 
 At two frame counts of 768x576 video (vtest.avi re-encoded at 8 Mbit/s), R18-Rd100 at 256x256,
 random init on both sides (offline):
-  bare backbone      padim_ray's Embedder on pre-resized frames, batch 32, torch on every core
+  bare backbone      torchvision's ResNet18 to layer3 on pre-resized frames, batch 32, every core
   anomalib PaDiM     what anomalib's training does, without Lightning: decord decodes with resize to
                      256x256, ImageNet normalisation, PadimModel (resnet18, layer1-3, n_features 100)
                      in training mode embeds batches of 32 into its memory bank, then PadimModel.fit()
@@ -11,6 +11,7 @@ random init on both sides (offline):
                      counts `--compile auto` runs the backbone eager
   ... --compile on   the same as jobs of 3000+ frames run by default: backbone through torch.compile
                      (after one untimed warm-up run: both counts start from a warm compile cache)
+The rows take turns over --repeat rounds (default 3), each keeping its median time per count.
 Then both Gaussian fits on IDENTICAL embeddings (padim_ray's Embedder on the first 64 frames): the
 largest relative difference of the means and of the inverse covariances, per position
 (max |ours - theirs| / max |ours|). anomalib inverts in float32 with 0.01 I + 1e-5 I; we in float64
@@ -18,7 +19,7 @@ with 0.01 I, so the difference is also shown against ours with anomalib's eps.
 
 anomalib comes with the `bench` extra; install it apart from the project's environment:
     python3 -m venv ../benchvenv && . ../benchvenv/bin/activate && pip install -e '.[bench]'
-    python scripts/bench_peer.py [--frames 128 1024] [--json runs/bench_peer.json]
+    python scripts/bench_peer.py [--frames 128 1024] [--repeat 3] [--json runs/bench_peer.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from bench_fit import fit_command
 from benchlib import (
-    BATCH, bare_row, decode_resized, footage, measure_row, number, parse_args, report, resized_batches, warm_compile_cache, workdir,
+    BATCH, component_rows, decode_resized, footage, measure_rows, number, parse_args, report, resized_batches, warm_compile_cache, workdir,
 )
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -95,11 +96,14 @@ def main() -> None:
         return
     videos = footage(args.frames, args.source, args.cache)
     with workdir() as tmp:
-        bare = bare_row(videos)
-        peer = measure_row(f"anomalib {anomalib.__version__} PaDiM", videos, lambda n, video: [sys.executable, Path(__file__).resolve(), "--child", video])
-        fit = measure_row("padim-ray fit", videos, lambda n, video: fit_command(video, tmp / f"model{n}"))
         warm_compile_cache(fit_command(videos[args.frames[0]], tmp / "warm", "--compile", "on"))
-        compiled = measure_row("padim-ray fit --compile on", videos, lambda n, video: fit_command(video, tmp / f"model{n}j", "--compile", "on"))
+        commands = {
+            **component_rows("backbone"),
+            f"anomalib {anomalib.__version__} PaDiM": lambda video, scratch: [sys.executable, Path(__file__).resolve(), "--child", video],
+            "padim-ray fit": lambda video, scratch: fit_command(video, scratch / "model"),
+            "padim-ray fit --compile on": lambda video, scratch: fit_command(video, scratch / "model", "--compile", "on"),
+        }
+        bare, peer, fit, compiled = measure_rows(commands, videos, args.repeat)
     speedup, compiled_speedup = fit.ratio(peer), compiled.ratio(peer)
     gaussians = gaussian_difference(videos[args.frames[0]], 64)
     notes = [

@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: footage, timed children with their peak memory, marginal rates, reports.
 
-Every measurement runs as a child process, once per frame count, on the same footage: the first N
-frames of OpenCV's vtest.avi (768x576, real pedestrians), re-encoded at 8 Mbit/s. A rate is marginal,
+Every measurement runs as a child process, once per frame count and round, on the same footage: the
+first N frames of OpenCV's vtest.avi (768x576, real pedestrians), re-encoded at 8 Mbit/s. Rows take
+turns over `--repeat` rounds and keep their median time per count (this shared 2-core machine varies
+by 10-20% from minute to minute, so one run per row is not enough to compare rows). A rate is marginal,
 (n2 - n1) / (t2 - t1), so start-up costs cancel; what they cost is reported separately as the fixed
 seconds t1 - n1 / rate. A child that times itself (a component: decoding, the bare backbone) prints
 `{"frames": n, "seconds": t}` as its last line, its set-up excluded; a command (`padim-ray fit`) is
@@ -46,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 256  # ModelConfig's default, the paper's STC size
 BATCH = 32  # ClusterConfig's default batch size
 SYNTHETIC = "synthetic"  # --source value for generated STC-sized footage
+BARE = "bare backbone (torchvision)"  # the yardstick row, denominator of every ratio
 SAMPLE_SECONDS = 1.0  # memory sampling interval
 BITRATE = 8_000_000  # PyAV's default (~200 kbit/s) smears real footage (DESIGN.md, turn 2)
 
@@ -59,12 +62,15 @@ def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
         "--source", type=Path, default=REPO / "data" / "vtest.avi",
         help="vtest.avi (scripts/fetch_vtest.sh), or `synthetic`: an STC-sized 856x480 synthetic scene, looped",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every row; each keeps its median time per count")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "footage", help="re-encoded footage, kept between runs")
     if extra:
         extra(parser)
     args = parser.parse_args()
     if not 0 < args.frames[0] < args.frames[1]:
         parser.error(f"--frames needs 0 < N1 < N2, got {args.frames}")
+    if args.repeat < 1:
+        parser.error(f"--repeat needs at least 1, got {args.repeat}")
     args.json, args.cache = args.json.resolve(), args.cache.resolve()  # children run elsewhere
     args.source = args.source if str(args.source) == SYNTHETIC else args.source.resolve()
     return args
@@ -281,13 +287,25 @@ class Row:
         return {**asdict(self), **properties, "ratio_to_bare": self.ratio(bare)}
 
 
-def measure_row(name: str, videos: dict[int, Path], command) -> Row:
-    """One table row: `command(n, video)` run for each frame count n, in order."""
-    runs = []
-    for n, video in videos.items():
-        runs.append(measure(command(n, video), n))
-        print(f"  {name} at {n} frames: {runs[-1].seconds:.1f} s, peak {runs[-1].peak_bytes / 2**30:.2f} GiB", flush=True)
-    return Row(name, list(videos), [r.seconds for r in runs], [r.peak_bytes for r in runs])
+def measure_rows(commands: dict, videos: dict[int, Path], repeat: int) -> list[Row]:
+    """One table row per `commands` entry (row name -> `command(video, scratch)`), run at every frame count.
+
+    Each run gets an empty `scratch` folder for its outputs, removed after it.
+
+    The rows take turns, `repeat` rounds of all of them, and each row keeps the median time per count
+    (and its largest peak): a slow spell of a shared machine then lands on every row instead of one.
+    """
+    seconds = {name: {n: [] for n in videos} for name in commands}
+    peaks = {name: {n: 0 for n in videos} for name in commands}
+    for round_ in range(1, repeat + 1):
+        for name, command in commands.items():
+            for n, video in videos.items():
+                with tempfile.TemporaryDirectory(prefix="run", dir=Path.cwd()) as scratch:
+                    run = measure(command(video, Path(scratch)), n)
+                seconds[name][n].append(run.seconds)
+                peaks[name][n] = max(peaks[name][n], run.peak_bytes)
+                print(f"  [{round_}/{repeat}] {name} at {n} frames: {run.seconds:.1f} s, peak {run.peak_bytes / 2**30:.2f} GiB", flush=True)
+    return [Row(name, list(videos), [float(np.median(seconds[name][n])) for n in videos], list(peaks[name].values())) for name in commands]
 
 
 def warm_compile_cache(command: list[str]) -> float:
@@ -299,33 +317,28 @@ def warm_compile_cache(command: list[str]) -> float:
     return seconds
 
 
-def decode_row(videos: dict[int, Path]) -> Row:
-    return measure_row("decode-only", videos, lambda n, video: component("decode", video))
-
-
-def bare_row(videos: dict[int, Path]) -> Row:
-    return measure_row("bare backbone (torchvision)", videos, lambda n, video: component("backbone", video))
-
-
-def embedder_row(videos: dict[int, Path]) -> Row:
-    return measure_row("padim-ray embedder alone", videos, lambda n, video: component("embedder", video))
+def component_rows(*kinds: str) -> dict:
+    """Rows of this file's children: "decode", "backbone" (the bare yardstick, BARE) or "embedder"."""
+    names = {"decode": "decode-only", "backbone": BARE, "embedder": "padim-ray embedder alone"}
+    return {names[kind]: lambda video, scratch, kind=kind: component(kind, video) for kind in kinds}
 
 
 def against_bare(doc: str, name: str, command, prepare=None, variants: dict | None = None) -> None:
-    """A benchmark's main: decode-only, the bare backbone and `command(n, video, tmp)`, each at both counts.
+    """A benchmark's main: decode-only, the bare backbone, the embedder and `command(video, tmp, scratch)`,
+    each at both counts (see measure_rows).
 
     `prepare(videos, tmp)` runs first, untimed (e.g. the fit a scoring benchmark needs); `variants`
-    (row name -> command like `command`) are measured after it, in the same run.
+    (row name -> command like `command`) are measured in the same rounds.
     """
     args = parse_args(doc, name)
     videos = footage(args.frames, args.source, args.cache)
     with workdir() as tmp:
         if prepare:
             prepare(videos, tmp)
-        decode, bare, embedder = decode_row(videos), bare_row(videos), embedder_row(videos)
-        commands = {f"padim-ray {name}": command, **(variants or {})}
-        rows = [measure_row(row, videos, lambda n, video, run=run: run(n, video, tmp)) for row, run in commands.items()]
-    report(name, [decode, bare, embedder, *rows], bare, args.json)
+        ours = {f"padim-ray {name}": command, **(variants or {})}
+        ours = {row: lambda video, scratch, run=run: run(video, tmp, scratch) for row, run in ours.items()}
+        rows = measure_rows({**component_rows("decode", "backbone", "embedder"), **ours}, videos, args.repeat)
+    report(name, rows, rows[1], args.json)
 
 
 def report(name: str, rows: list[Row], bare: Row, json_path: Path, extra: dict | None = None, notes: list[str] = ()) -> None:
