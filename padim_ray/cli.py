@@ -33,7 +33,6 @@ Address = Annotated[Optional[str], typer.Option(help="Ray address (running clust
 CheckpointDir = Annotated[Optional[str], typer.Option(help="Where progress is checkpointed, folder or URI (default: .OUT.checkpoint next to the output).")]
 CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
 MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
-Compile = Annotated[str, typer.Option("--compile", help=f"torch.compile the backbone on CPU: auto (jobs of {ClusterConfig.compile_min_frames}+ frames), on or off.")]
 SkipBadInputs = Annotated[bool, typer.Option(help="Leave out inputs that cannot be decoded (listed in the model) instead of stopping.")]
 
 
@@ -110,7 +109,6 @@ def fit(
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
-    compile_mode: Compile = ClusterConfig.compile,
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
@@ -129,7 +127,7 @@ def fit(
         model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
         cluster = ClusterConfig(
             actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
-            checkpoint_every=checkpoint_every, max_retries=max_retries, compile=compile_mode,
+            checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         if source is Source.stc:
             if not scene or paths:
@@ -203,7 +201,6 @@ def update(
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
-    compile_mode: Compile = ClusterConfig.compile,
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
     max_retries: MaxRetries = ClusterConfig.max_retries,
@@ -216,7 +213,7 @@ def update(
     with _one_line_errors():
         cluster = ClusterConfig(
             actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-            checkpoint_every=checkpoint_every, max_retries=max_retries, compile=compile_mode,
+            checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
             model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs, out=out, overwrite=overwrite,
@@ -238,16 +235,13 @@ def score(
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
-    compile_mode: Compile = ClusterConfig.compile,
     address: Address = None,
 ) -> None:
     """Score videos into anomaly-map sequences and per-frame scores."""
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
-        cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, compile=compile_mode,
-        )
+        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")

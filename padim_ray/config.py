@@ -67,10 +67,6 @@ class ClusterConfig:
     #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
     max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
     gpu_wait: float = 900.0  # seconds to wait for the autoscaler to add GPU workers (clusters that start from zero)
-    compile: str = "auto"  # torch.compile the backbone on CPU actors: "on", "off", or "auto": for jobs of at least
-    #                        compile_min_frames. ~20% faster forward (R18, 2 cores) for a one-off ~15-25 s per
-    #                        actor (then cached on disk); GPU actors run eager (compiling there is unmeasured)
-    compile_min_frames: int = 3000  # where compiling pays for itself on a 2-core CPU node
 
     def __post_init__(self):
         _require(self, {
@@ -84,8 +80,6 @@ class ClusterConfig:
             "checkpoint_every": (lambda v: v >= 0, "at least 0 seconds"),
             "max_retries": (lambda v: v >= 0, "at least 0"),
             "gpu_wait": (lambda v: v >= 0, "at least 0 seconds"),
-            "compile": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
-            "compile_min_frames": (lambda v: v >= 0, "at least 0"),
         })
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import numpy as np
 import torch
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from padim_ray.backbones import BackboneSpec, get_backbone, load_weights
-from padim_ray.config import ClusterConfig, ModelConfig
-from padim_ray.errors import PadimError, first_line
+from padim_ray.config import ModelConfig
+from padim_ray.errors import PadimError
 
 log = logging.getLogger(__name__)
 
@@ -55,53 +54,10 @@ def fold_batch_norms(extractor: nn.Module) -> nn.Module:
         return extractor
 
 
-def compiled_batch(cluster: ClusterConfig, frames: int | None) -> int | None:
-    """The batch size to compile the backbone for in a job of `frames` frames (cluster.compile), or None."""
-    if cluster.compile == "auto":
-        return cluster.batch_size if (frames or 0) >= cluster.compile_min_frames else None
-    return cluster.batch_size if cluster.compile == "on" else None
-
-
-class CompiledBackbone:
-    """A feature extractor through torch.compile (inductor, weights frozen) for batches of `batch` frames.
-
-    Compiling happens here, on a zero batch (so an actor pays it before its stream starts): ~15-25 s for
-    R18 on 2 cores, cached on disk for the next process. Smaller batches (a split's last) are padded to
-    `batch`, so the graph is compiled once; larger ones run eager. If compiling fails (e.g. the node has
-    no C++ compiler), one warning is logged and the extractor runs eager.
-    """
-
-    def __init__(self, extractor: nn.Module, batch: int, image_size: int):
-        self.eager, self.batch, self.compiled = extractor, batch, None
-        started = time.monotonic()
-        try:
-            compiled = torch.compile(extractor, dynamic=False, options={"freezing": True})
-            with torch.inference_mode():
-                compiled(torch.zeros(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last))
-        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the eager model, which is correct
-            log.warning("torch.compile of the backbone failed, running it eager (%s)", first_line(err))
-            return
-        self.compiled = compiled
-        log.info("backbone compiled for batches of %d in %.1f s", batch, time.monotonic() - started)
-
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.compiled is None or len(x) > self.batch:
-            return self.eager(x)
-        if len(x) == self.batch:
-            return self.compiled(x)
-        padded = x.new_zeros((self.batch, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
-        padded[: len(x)] = x
-        return {stage: features[: len(x)] for stage, features in self.compiled(padded).items()}
-
-
 class Embedder(nn.Module):
-    """Turns uint8 frames into embeddings (B, d, h, w) on a fixed grid.
+    """Turns uint8 frames into embeddings (B, d, h, w) on a fixed grid."""
 
-    With `compile_batch`, a CPU embedder runs its backbone through torch.compile for batches of that
-    size (see CompiledBackbone); on CUDA it stays eager.
-    """
-
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", compile_batch: int | None = None):
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         super().__init__()
         from timm.layers import create_feature_extractor  # torchvision's, aware of timm's untraceable layers
 
@@ -126,7 +82,6 @@ class Embedder(nn.Module):
         with _BUILD_LOCK, torch.inference_mode():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
             self.grid: tuple[int, int] = tuple(self.extractor(probe)[self.spec.stages[0]].shape[-2:])
-        self.compiled = CompiledBackbone(self.extractor, compile_batch, self.image_size) if compile_batch and self.device.type == "cpu" else None
 
     @property
     def dims(self) -> int:
@@ -152,7 +107,7 @@ class Embedder(nn.Module):
         x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S), channels_last strides
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = (self.compiled or self.extractor)(x)
+            features = self.extractor(x)
         batch, (height, width) = len(x), features[self.spec.stages[0]].shape[-2:]
         out = torch.empty(height, width, batch, self.dims, device=self.device)  # (h, w, B, d)
         offset = 0

@@ -19,7 +19,7 @@ import torch
 
 from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.config import ClusterConfig, ModelConfig
-from padim_ray.embedding import Embedder, compiled_batch
+from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
 from padim_ray.checkpoint import CheckpointError, Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
@@ -474,8 +474,7 @@ def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, ex
         skip = {uid: used for uid, used in todo.items() if len(used)}
         return frames_dataset(todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs)
 
-    to_embed = expected - sum(partial.count for partial in held)
-    make_embedder = functools.partial(Embedder, model, compile_batch=compiled_batch(job.cluster, to_embed))
+    make_embedder = functools.partial(Embedder, model)
     return accumulate(
         frames_for, units, make_embedder, embedder.positions, embedder.dims, job.cluster, checkpoints, held, expected, job.shared
     )

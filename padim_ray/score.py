@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
-from padim_ray.embedding import Embedder, compiled_batch
+from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
 from padim_ray.accounting import Accounting
@@ -75,11 +75,10 @@ def axis_operator(length: int, blur_length: int, out_length: int, taps: tuple[fl
 class Scorer:
     """A model loaded for scoring: frames in, blurred anomaly maps out (no Ray here)."""
 
-    def __init__(self, model_path: str | Path | Location, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu",
-                 compile_batch: int | None = None):
+    def __init__(self, model_path: str | Path | Location, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu"):
         store = open_model(model_path)
         config = ModelConfig(**store.attrs["config"])
-        self.embedder = Embedder(config, device, compile_batch)
+        self.embedder = Embedder(config, device)
         if self.embedder.channel_indices.tolist() != store.attrs["channel_indices"]:
             raise StoreError(f"model {model_path}: its channel indices differ from seed {config.seed}'s; refit it with this version")
         device = self.embedder.device
@@ -106,12 +105,11 @@ class ScoreActor(SplitConsumer):
     Only the small per-frame rows (score and its location) go back to the driver.
     """
 
-    def __init__(self, model_path: Location, score: ScoreConfig, maps_root: Location, targets: dict[int, MapTarget], threads: int,
-                 compile_batch: int | None = None):
+    def __init__(self, model_path: Location, score: ScoreConfig, maps_root: Location, targets: dict[int, MapTarget], threads: int):
         super().__init__()
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
-        self.scorer = Scorer(model_path, score, device, compile_batch)
+        self.scorer = Scorer(model_path, score, device)
         self.writer = MapChunkWriter(maps_root, score.chunk_frames)
         self.targets = targets
         self.map_dtype = getattr(torch, score.map_dtype)  # cast on the device: 10x cheaper than numpy's astype
@@ -195,7 +193,7 @@ def score_inputs(
         dataset = frames_dataset(units, store.attrs["image_size"], 1, math.ceil(cluster.decode_batch / chunk) * chunk)
         plan = plan_actors(cluster)
         args = (store.path, score, pending.root, targets)
-        actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads, compiled_batch(cluster, estimate)) for spec in plan]
+        actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
         log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
         progress = Progress(estimate, "score")
         try:

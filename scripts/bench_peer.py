@@ -7,10 +7,7 @@ random init on both sides (offline):
                      256x256, ImageNet normalisation, PadimModel (resnet18, layer1-3, n_features 100)
                      in training mode embeds batches of 32 into its memory bank, then PadimModel.fit()
                      (MultiVariateGaussian); start to exit
-  padim-ray fit      `padim-ray fit videos VIDEO --out OUT --weights none`, start to exit; at these
-                     counts `--compile auto` runs the backbone eager
-  ... --compile on   the same as jobs of 3000+ frames run by default: backbone through torch.compile
-                     (after one untimed warm-up run: both counts start from a warm compile cache)
+  padim-ray fit      `padim-ray fit videos VIDEO --out OUT --weights none`, start to exit
 The rows take turns over --repeat rounds (default 3), each keeping its median time per count.
 Then both Gaussian fits on IDENTICAL embeddings (padim_ray's Embedder on the first 64 frames): the
 largest relative difference of the means and of the inverse covariances, per position
@@ -32,7 +29,7 @@ from pathlib import Path
 
 from bench_fit import fit_command
 from benchlib import (
-    BATCH, component_rows, decode_resized, footage, measure_rows, number, parse_args, report, resized_batches, warm_compile_cache, workdir,
+    BATCH, component_rows, decode_resized, footage, measure_rows, number, parse_args, report, resized_batches, workdir,
 )
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,25 +93,22 @@ def main() -> None:
         return
     videos = footage(args.frames, args.source, args.cache)
     with workdir() as tmp:
-        warm_compile_cache(fit_command(videos[args.frames[0]], tmp / "warm", "--compile", "on"))
         commands = {
             **component_rows("backbone"),
             f"anomalib {anomalib.__version__} PaDiM": lambda video, scratch: [sys.executable, Path(__file__).resolve(), "--child", video],
             "padim-ray fit": lambda video, scratch: fit_command(video, scratch / "model"),
-            "padim-ray fit --compile on": lambda video, scratch: fit_command(video, scratch / "model", "--compile", "on"),
         }
-        bare, peer, fit, compiled = measure_rows(commands, videos, args.repeat)
-    speedup, compiled_speedup = fit.ratio(peer), compiled.ratio(peer)
+        bare, peer, fit = measure_rows(commands, videos, args.repeat)
+    speedup = fit.ratio(peer)
     gaussians = gaussian_difference(videos[args.frames[0]], 64)
     notes = [
-        f"padim-ray fit / anomalib PaDiM: {number(speedup, '.2f')}x marginal frames/s (target >= 1.5); "
-        f"with --compile on: {number(compiled_speedup, '.2f')}x",
+        f"padim-ray fit / anomalib PaDiM: {number(speedup, '.2f')}x marginal frames/s (target >= 1.5)",
         f"Gaussians on identical embeddings ({gaussians['frames']} frames), max relative difference per position: "
         f"mean {gaussians['mean']:.1e}, inverse covariance {gaussians['inverse_covariance']:.1e} "
         f"({gaussians['inverse_covariance_same_eps']:.1e} against ours with anomalib's 0.01 + 1e-5)",
     ]
-    extra = {"anomalib": anomalib.__version__, "fit_over_anomalib": speedup, "compiled_fit_over_anomalib": compiled_speedup, "gaussians": gaussians}
-    report("peer", [bare, peer, fit, compiled], bare, args.json, extra, notes)
+    extra = {"anomalib": anomalib.__version__, "fit_over_anomalib": speedup, "gaussians": gaussians}
+    report("peer", [bare, peer, fit], bare, args.json, extra, notes)
 
 
 if __name__ == "__main__":

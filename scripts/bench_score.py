@@ -3,9 +3,7 @@
 A model (R18-Rd100 at 256x256, random init: offline) is fitted once on the smaller video, untimed.
 Then, at two frame counts of 768x576 video: decode-only and the bare backbone on the whole machine
 (scripts/benchlib.py), and the command end to end, `padim-ray score MODEL VIDEO --out OUT` (maps at
-native 768x576, the default), start to exit; then the same with `--compile on`, as jobs of 3000+
-frames run by default (torch.compile; after one untimed warm-up run, so both counts start from a
-warm compile cache).
+native 768x576, the default), start to exit.
 
     python scripts/bench_score.py [--frames 128 1024] [--json runs/bench_score.json]
 """
@@ -15,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench_fit import fit_command
-from benchlib import against_bare, measure, padim_ray, warm_compile_cache
+from benchlib import against_bare, measure, padim_ray
 
 
 def fit_once(videos: dict[int, Path], tmp: Path) -> None:
@@ -23,22 +21,10 @@ def fit_once(videos: dict[int, Path], tmp: Path) -> None:
     measure(fit_command(videos[min(videos)], tmp / "model"))
 
 
-def fit_and_warm_up(videos: dict[int, Path], tmp: Path) -> None:
-    """fit_once, then one `--compile on` scoring run to warm the compile cache."""
-    fit_once(videos, tmp)
-    warm_compile_cache(score_command(videos[min(videos)], tmp, tmp, "--compile", "on"))
-
-
-def score_command(video: Path, tmp: Path, scratch: Path, *options: str) -> list[str]:
+def score_command(video: Path, tmp: Path, scratch: Path) -> list[str]:
     """`padim-ray score` of `video` with the model prepared in `tmp`, maps into `scratch`."""
-    return padim_ray("score", tmp / "model", video, "--out", scratch / "maps", *options)
+    return padim_ray("score", tmp / "model", video, "--out", scratch / "maps")
 
 
 if __name__ == "__main__":
-    import torch
-
-    if torch.cuda.is_available():  # GPU actors run eager: --compile changes nothing there
-        against_bare(__doc__, "score", score_command, prepare=fit_once)
-    else:
-        compiled = {"padim-ray score --compile on": lambda video, tmp, scratch: score_command(video, tmp, scratch, "--compile", "on")}
-        against_bare(__doc__, "score", score_command, prepare=fit_and_warm_up, variants=compiled)
+    against_bare(__doc__, "score", score_command, prepare=fit_once)

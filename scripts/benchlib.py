@@ -157,7 +157,7 @@ def decode_resized(video: Path) -> np.ndarray:
 def tree_pss(root: psutil.Process) -> int:
     """PSS in bytes of `root` and all its descendants."""
     total = 0
-    for _ in range(5):  # listing fails when a child ends meanwhile (e.g. a compiler run by torch.compile)
+    for _ in range(5):  # listing fails when a child ends meanwhile
         try:
             procs = [root, *root.children(recursive=True)]
             break
@@ -180,15 +180,13 @@ class Run:
 
 @contextmanager
 def workdir() -> Iterator[Path]:
-    """A temp dir made the current one, with a Ray temp dir and an empty torch.compile cache inside and
-    RAY_ADDRESS unset, for this process and its children: they start their own local Ray, never attach
-    to another cluster, their Ray workers do not import from the folder the benchmark was started in,
-    and compiling starts cold (see warm_compile_cache)."""
+    """A temp dir made the current one, with a Ray temp dir inside and RAY_ADDRESS unset, for this
+    process and its children: they start their own local Ray, never attach to another cluster, and
+    their Ray workers do not import from the folder the benchmark was started in."""
     saved = dict(os.environ), Path.cwd()
     with tempfile.TemporaryDirectory(prefix="pb", dir="/tmp") as tmp:  # short: Ray's socket paths stay < 107 chars
         os.environ.pop("RAY_ADDRESS", None)
         os.environ["RAY_TMPDIR"] = f"{tmp}/ray"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{tmp}/inductor"
         os.chdir(tmp)
         try:
             yield Path(tmp)
@@ -306,15 +304,6 @@ def measure_rows(commands: dict, videos: dict[int, Path], repeat: int) -> list[R
                 peaks[name][n] = max(peaks[name][n], run.peak_bytes)
                 print(f"  [{round_}/{repeat}] {name} at {n} frames: {run.seconds:.1f} s, peak {run.peak_bytes / 2**30:.2f} GiB", flush=True)
     return [Row(name, list(videos), [float(np.median(seconds[name][n])) for n in videos], list(peaks[name].values())) for name in commands]
-
-
-def warm_compile_cache(command: list[str]) -> float:
-    """Run a `--compile on` command once, untimed in the table, so that both frame counts then start
-    from the same warm torch.compile cache (a cold compile at one count only would skew the marginal
-    rate); returns and prints its time, which includes the cold compile a node pays once."""
-    seconds = measure(command).seconds
-    print(f"  (warm-up, cold torch.compile cache) padim-ray {command[1]} --compile on: {seconds:.1f} s", flush=True)
-    return seconds
 
 
 def component_rows(*kinds: str) -> dict:

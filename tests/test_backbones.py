@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from padim_ray.backbones import BACKBONES, WeightsError, get_backbone, load_weights
-from padim_ray.config import ClusterConfig, ModelConfig
-from padim_ray.embedding import Embedder, compiled_batch, select_channels
+from padim_ray.config import ModelConfig
+from padim_ray.embedding import Embedder, select_channels
 from padim_ray.errors import PadimError
 
 
@@ -45,24 +45,6 @@ def test_embedding_channels_are_the_selected_stage_channels():
     full = torch.cat([torch.nn.functional.interpolate(features[s], size=(16, 16), mode="nearest") for s in embedder.spec.stages], 1)
     expected = full[:, torch.as_tensor(embedder.channel_indices)]
     torch.testing.assert_close(embedder(frames), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_compiled_backbone_gives_the_eager_embeddings_for_any_batch():
-    model = ModelConfig(weights="none", image_size=64, dims=16)
-    eager, compiled = Embedder(model), Embedder(model, compile_batch=4)
-    assert compiled.compiled.compiled is not None  # compiled here, not fallen back to eager
-    frames = np.random.default_rng(0).integers(0, 255, size=(6, 64, 64, 3), dtype=np.uint8)
-    for batch in (4, 3, 6):  # the compiled size, a padded smaller batch, a larger one (eager)
-        torch.testing.assert_close(compiled(frames[:batch]), eager(frames[:batch]), rtol=1e-5, atol=1e-5)
-
-
-def test_compile_policy_follows_the_cluster_config():
-    assert compiled_batch(ClusterConfig(batch_size=8), ClusterConfig.compile_min_frames) == 8  # auto, a large job
-    assert compiled_batch(ClusterConfig(batch_size=8), ClusterConfig.compile_min_frames - 1) is None
-    assert compiled_batch(ClusterConfig(compile="on"), 10) == ClusterConfig.batch_size
-    assert compiled_batch(ClusterConfig(compile="off"), 10**6) is None
-    with pytest.raises(PadimError, match="--compile must be auto, on or off, got yes"):
-        ClusterConfig(compile="yes")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])

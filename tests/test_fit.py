@@ -106,15 +106,6 @@ def test_fit_end_to_end_matches_reference_and_actor_count(ray_local, stc_root, t
     assert a.attrs["grid"] == [16, 16] and a.attrs["weights_identity"] == "random-init(seed=1024)"
 
 
-def test_fit_with_compiled_backbone_matches_reference(ray_local, stc_root, tmp_path):
-    videos = scene_videos(stc_root, "01")
-    cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, batch_size=8, compile="on")  # 30-frame videos: padded last batches
-    model = open_model(fit_model(videos, tmp_path / "m", SMALL_MODEL, cluster).out)
-    ref_mean, ref_cov = reference_gaussians(_direct_embeddings(videos, SMALL_MODEL))
-    assert relative_error(model.read("mean"), ref_mean) <= 1e-5
-    assert relative_error(model.read("covariance"), ref_cov) <= 1e-5
-
-
 def test_frame_stride_keeps_every_nth_frame(ray_local, stc_root, tmp_path, actors1):
     model = dataclasses.replace(SMALL_MODEL, frame_stride=4)
     result = fit_model(scene_videos(stc_root, "01"), tmp_path / "m", model, actors1)
