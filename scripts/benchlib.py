@@ -324,10 +324,9 @@ def against_bare(doc: str, name: str, command, prepare=None, variants: dict | No
     with workdir() as tmp:
         if prepare:
             prepare(videos, tmp)
-        ours = {f"padim-ray {name}": command, **(variants or {})}
-        ours = {row: lambda video, scratch, run=run: run(video, tmp, scratch) for row, run in ours.items()}
+        ours = {row: lambda video, scratch, run=run: run(video, tmp, scratch) for row, run in {f"padim-ray {name}": command, **(variants or {})}.items()}
         rows = measure_rows({**component_rows("decode", "backbone", "embedder"), **ours}, videos, args.repeat)
-    report(name, rows, rows[1], args.json)
+    report(name, rows, next(row for row in rows if row.name == BARE), args.json)
 
 
 def report(name: str, rows: list[Row], bare: Row, json_path: Path, extra: dict | None = None, notes: list[str] = ()) -> None:
