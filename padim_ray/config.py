@@ -63,6 +63,9 @@ class ClusterConfig:
     fan_in: int = 4  # partials merged per reduction task
     shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store
     decode_batch: int = 16  # frames per block emitted by a decode task
+    frames_queued: int = 1024  # decoded frames that may wait per actor (192 MiB at 256x256): decoding runs
+    #                            ~16x faster than an R18 forward pass on CPU, and without this bound it runs
+    #                            ahead and the object store grows with the video (scripts/bench_memory.py)
     checkpoint_every: float = 300.0  # seconds between checkpoints of each stats actor: an R18-Rd100 save
     #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
     max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
@@ -77,6 +80,7 @@ class ClusterConfig:
             "fan_in": (lambda v: v >= 2, "at least 2"),
             "shard_bytes": (lambda v: v >= 1, "at least 1"),
             "decode_batch": (lambda v: v >= 1, "at least 1"),
+            "frames_queued": (lambda v: v >= 1, "at least 1"),
             "checkpoint_every": (lambda v: v >= 0, "at least 0 seconds"),
             "max_retries": (lambda v: v >= 0, "at least 0"),
             "gpu_wait": (lambda v: v >= 0, "at least 0 seconds"),

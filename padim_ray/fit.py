@@ -177,7 +177,7 @@ class StatsPool:
 
 
 def accumulate(
-    frames_for: Callable[[dict[int, np.ndarray]], object],
+    frames_for: Callable[[dict[int, np.ndarray], object], object],
     units: list[WorkUnit],
     make_embedder: EmbedderFactory,
     positions: int,
@@ -190,8 +190,9 @@ def accumulate(
 ) -> Accumulated:
     """Fold every frame of `units` into per-position statistics with stats actors, exactly once.
 
-    `frames_for(todo)` gives the Ray Dataset of the units in `todo` (unit id -> frame indices to
-    leave out, empty for a whole unit), shaped like the decoder's output. Statistics already `held`
+    `frames_for(todo, credits)` gives the Ray Dataset of the units in `todo` (unit id -> frame
+    indices to leave out, empty for a whole unit), shaped like the decoder's output, its decoding
+    held back by `credits` (see runtime.stream_to_actors). Statistics already `held`
     and the files in `checkpoints` (an earlier run's) are merged in and their frames not redone.
     When actors are lost, the frames they held since their last checkpoint are redone on the others
     (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A unit the
@@ -224,7 +225,8 @@ def accumulate(
                     break
                 if not pool.actors:
                     pool.actors, pool.files = _start_actors(make_embedder, positions, dims, cluster, checkpoints)
-                outcomes = stream_to_actors(frames_for(todo), pool.actors, cluster.batch_size, pool.progress)
+                dataset_for = functools.partial(frames_for, todo)
+                outcomes = stream_to_actors(dataset_for, pool.actors, cluster, cluster.decode_batch, pool.progress)
                 raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
                 dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
                 pool.outcomes, lost_now = outcomes, bool(dead)
@@ -469,10 +471,12 @@ def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, ex
     """accumulate() over decoded video frames."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
 
-    def frames_for(todo: dict[int, np.ndarray]):
+    def frames_for(todo: dict[int, np.ndarray], credits):
         todo_units = [u for u in units if u.uid in todo]
         skip = {uid: used for uid, used in todo.items() if len(used)}
-        return frames_dataset(todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs)
+        return frames_dataset(
+            todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs, credits
+        )
 
     make_embedder = functools.partial(Embedder, model)
     return accumulate(

@@ -190,14 +190,17 @@ def score_inputs(
         connect(address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
         # decode blocks start on chunk boundaries, so every chunk is written by the one actor that got its block
-        dataset = frames_dataset(units, store.attrs["image_size"], 1, math.ceil(cluster.decode_batch / chunk) * chunk)
+        block_rows = math.ceil(cluster.decode_batch / chunk) * chunk
+        size_in = store.attrs["image_size"]
         plan = plan_actors(cluster)
         args = (store.path, score, pending.root, targets)
         actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
         log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
         progress = Progress(estimate, "score")
         try:
-            outcomes = raise_first_failure(stream_to_actors(dataset, actors, cluster.batch_size, progress))
+            outcomes = raise_first_failure(stream_to_actors(
+                lambda credits: frames_dataset(units, size_in, 1, block_rows, credits=credits), actors, cluster, block_rows, progress
+            ))
         finally:
             progress.close()
             for actor in actors:

@@ -154,9 +154,9 @@ def decode_resized(video: Path) -> np.ndarray:
 # --- timed children and their memory ---------------------------------------------------------------
 
 
-def tree_pss(root: psutil.Process) -> int:
-    """PSS in bytes of `root` and all its descendants."""
-    total = 0
+def tree_pss(root: psutil.Process) -> dict[str, int]:
+    """PSS in bytes of `root` and each of its descendants, keyed 'pid title' (e.g. '812 ray::IDLE')."""
+    parts = {}
     for _ in range(5):  # listing fails when a child ends meanwhile
         try:
             procs = [root, *root.children(recursive=True)]
@@ -165,16 +165,17 @@ def tree_pss(root: psutil.Process) -> int:
             procs = [root]
     for proc in procs:
         try:
-            total += proc.memory_full_info().pss
+            parts[f"{proc.pid} {' '.join(proc.cmdline())[:60]}"] = proc.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total
+    return parts
 
 
 @dataclass
 class Run:
     seconds: float  # the child's own timing if it printed one, else start to exit
     peak_bytes: int  # peak PSS of the child's process tree
+    peak_parts: dict[str, int]  # PSS of each process at that peak
     stdout: str
 
 
@@ -204,15 +205,17 @@ def measure(command: list[str], frames: int | None = None) -> Run:
     """
     started = time.monotonic()
     child = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak, done = psutil.Process(child.pid), 0, threading.Event()
+    root, peak_parts, done = psutil.Process(child.pid), {}, threading.Event()
 
     def sample() -> None:
         # reading PSS costs ~80 ms of CPU for a Ray process tree: sample once a second at the lowest
         # priority, so the sampler does not slow the many-process commands it measures
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        nonlocal peak
+        nonlocal peak_parts
         while not done.is_set():
-            peak = max(peak, tree_pss(root))
+            parts = tree_pss(root)
+            if sum(parts.values()) > sum(peak_parts.values()):
+                peak_parts = parts
             time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -227,7 +230,7 @@ def measure(command: list[str], frames: int | None = None) -> Run:
     report = _last_json(out)
     if frames is not None and report.get("frames", frames) != frames:
         raise SystemExit(f"{' '.join(map(str, command))} handled {report['frames']} frames, not {frames}")
-    return Run(report.get("seconds", seconds), peak, out)
+    return Run(report.get("seconds", seconds), sum(peak_parts.values()), peak_parts, out)
 
 
 def _last_json(out: str) -> dict:

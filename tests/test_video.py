@@ -16,6 +16,18 @@ def test_decodes_every_frame_in_order(stc_root):
     assert [i for i, _ in iter_unit_frames(WorkUnit(0, str(video)), stride=7)] == [0, 7, 14, 21, 28]
 
 
+@pytest.mark.parametrize("size", [16, 48, 64])
+def test_frames_resized_while_decoding_are_the_resized_picture(stc_root, size):
+    """decord pads the rows of some sizes (48 px: 192 bytes, shaped as 4 channels); the frames must not show it."""
+    from PIL import Image
+
+    unit = WorkUnit(0, str(stc_root / "training" / "videos" / "01_001.avi"))
+    (_, native), (_, resized) = next(iter_unit_frames(unit)), next(iter_unit_frames(unit, size=size))
+    reference = np.asarray(Image.fromarray(native).resize((size, size), Image.BILINEAR), dtype=float)
+    assert resized.shape == (size, size, 3)
+    assert np.abs(resized - reference).mean() < 6  # another filter than Pillow's; one pixel off is 8-13, BGR 14-16
+
+
 def test_decode_blocks_mark_the_last_row_with_the_unit_total(stc_root):
     video = stc_root / "training" / "videos" / "01_002.avi"
     batch = {"uid": np.array([5]), "path": np.array([str(video)]), "start": np.array([0]), "stop": np.array([-1])}
@@ -41,6 +53,36 @@ def test_ray_dataset_yields_every_frame_once(ray_local, stc_root):
     rows = frames_dataset(units, size=16, stride=1, rows_per_block=7).take_all()
     assert len(rows) == 60
     assert sorted((r["unit"], r["index"]) for r in rows) == [(u, i) for u in (0, 1) for i in range(30)]
+
+
+def test_decoding_waits_for_frame_credits(ray_local, stc_root):
+    """A decode task emits a block only with credit for it: the frames decoded ahead of the consumers stay bounded."""
+    import threading
+    import time
+
+    import ray
+
+    from padim_ray.runtime import FrameCredits
+
+    units, _ = make_units(expand_inputs([stc_root / "training" / "videos" / "01_001.avi"]))
+    credits = FrameCredits.remote(20)
+    dataset = frames_dataset(units, size=32, stride=1, rows_per_block=8, credits=credits)
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(len(b["unit"]) for b in dataset.iter_batches(batch_size=None)))
+    reader.start()
+
+    def settled() -> int:
+        """Rows received once nothing more arrives for 3 s (a decode task that did not wait would send all 30)."""
+        deadline, seen = time.monotonic() + 60, -1
+        while (sum(received) != seen or not seen) and time.monotonic() < deadline:
+            seen = sum(received)
+            time.sleep(3)
+        return seen
+
+    assert 0 < settled() <= 24  # credit 20, blocks of 8: the third block overdraws it, the fourth waits
+    ray.get(credits.give.remote(24))
+    reader.join(timeout=60)
+    assert received == [8, 8, 8, 6]
 
 
 def test_bad_inputs_name_the_file(tmp_path):
