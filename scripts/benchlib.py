@@ -174,9 +174,13 @@ def tree_pss(root: psutil.Process) -> dict[str, int]:
 @dataclass
 class Run:
     seconds: float  # the child's own timing if it printed one, else start to exit
-    peak_bytes: int  # peak PSS of the child's process tree
-    peak_parts: dict[str, int]  # PSS of each process at that peak
+    peak_parts: dict[str, int]  # PSS of each process when the child's process tree peaked
     stdout: str
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak PSS of the child's process tree."""
+        return sum(self.peak_parts.values())
 
 
 @contextmanager
@@ -230,7 +234,7 @@ def measure(command: list[str], frames: int | None = None) -> Run:
     report = _last_json(out)
     if frames is not None and report.get("frames", frames) != frames:
         raise SystemExit(f"{' '.join(map(str, command))} handled {report['frames']} frames, not {frames}")
-    return Run(report.get("seconds", seconds), sum(peak_parts.values()), peak_parts, out)
+    return Run(report.get("seconds", seconds), peak_parts, out)
 
 
 def _last_json(out: str) -> dict:
