@@ -11,7 +11,6 @@ small uint8 frames travel, and decode workers never import torch.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import re
@@ -105,6 +104,9 @@ def open_video(path: Location | str | Path, size: int | None = None):
     """A decord VideoReader for `path` (decoding to size x size if given), or a VideoError naming the file.
 
     A video in a bucket is read into memory first (decord copies a file object whole): one at a time.
+    decord 0.6 decodes ahead: until its decoding thread answers, next() keeps queueing packets, and
+    the thread decodes that backlog whenever the reader waits. On a busy node a reader held
+    ~0.4-0.6 GiB of frames at 256x256 this way (freed when it closes; README, Memory).
     """
     import decord
 
@@ -200,18 +202,30 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
 def frame_pixels(frame) -> np.ndarray:
     """A decord frame as a new (H, W, 3) uint8 array.
 
-    decord's asnumpy() leaves the array it returns in a reference cycle, which only Python's cyclic
-    garbage collector frees. Copied out at once, most of those cycles die young; held until a block
-    is stacked, they reach the oldest generation, which a Ray worker (a large heap) collects
-    thousands of frames later: a throttled decode task grew by 250 MB per 1,024 frames at 256x256,
-    170 MB with this copy, and not at all with decode_units' full collections while it waits.
+    Read through DLPack, not decord's asnumpy(): asnumpy() copies through `ndarray.ctypes`, which
+    leaves every frame's array in a reference cycle that only Python's cyclic collector frees. In a
+    Ray worker (a large heap) a full collection comes thousands of frames later: a throttled decode
+    task grew by ~250 MB per 1,024 frames at 256x256. The DLPack view is freed with its last reference.
     decord also returns some scaled sizes with each row padded to its byte alignment, shaped as if
     the frame had more channels (48x48: (48, 48, 4), 192 bytes a row): the first W * 3 bytes of
     each row are the pixels.
     """
-    array = frame.asnumpy()
+    array = np.from_dlpack(_DLPackCapsule(frame.to_dlpack()))
     height, width, channels = array.shape
     return array.reshape(height, width * channels)[:, : width * 3].reshape(height, width, 3).copy()
+
+
+class _DLPackCapsule:
+    """The DLPack protocol around a bare capsule (decord exports capsules; numpy takes protocol objects)."""
+
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, **_):
+        return self.capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: decord decodes into host memory
 
 
 def read_frame(file: Location | str | Path, size: int | None = None, native: tuple[int, int] | None = None) -> np.ndarray:
@@ -260,17 +274,13 @@ def decode_units(
     `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted. With
     `skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is BAD_UNIT instead
     of raising (rows emitted before the failure must then be discarded by the consumer's caller).
-    With `credits` (a runtime.FrameCredits actor), each block waits for credit for its rows first,
-    and the task collects its garbage while it waits (see frame_pixels).
+    With `credits` (a runtime.FrameCredits actor), each block waits for credit for its rows first.
     """
     for block in _decode_blocks(batch, size, stride, rows_per_block, skip, skip_bad):
         if credits is not None:
             import ray
 
-            granted = credits.take.remote(len(block["unit"]))
-            if not ray.wait([granted], timeout=0)[0]:  # about to wait for the consumers: collect garbage meanwhile
-                gc.collect()
-            ray.get(granted)
+            ray.get(credits.take.remote(len(block["unit"])))
         yield block
 
 
