@@ -57,7 +57,7 @@ class ClusterConfig:
     cpus_per_actor: float | None = None  # None: a whole node less its decode share (CPU), cpus_per_gpu_actor (GPU)
     cpus_per_gpu_actor: float = 1.0  # a GPU actor only feeds its GPU; the node's other CPUs decode
     decode_share: float = 1 / 16  # of a CPU node's CPUs (at least 1) left to decode tasks: decoding to 256x256
-    #                               costs ~6% of an R18 forward pass per frame (scripts/bench_fit.py: 460-530
+    #                               costs ~6% of an R18 forward pass per frame (scripts/bench_fit.py: 450-530
     #                               vs ~30 frames/s on 2 cores)
     batch_size: int = 32  # frames per forward pass
     fan_in: int = 4  # partials merged per reduction task
