@@ -112,7 +112,12 @@ def open_video(path: Location | str | Path):
         try:
             return decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
         except Exception as err:
-            raise VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?") from None
+            raise _unopenable(path, err) from None
+
+
+def _unopenable(path, err: Exception) -> VideoError:
+    """The one-line error for a video that cannot be opened (by decord to index it, or PyAV to decode it)."""
+    return VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?")
 
 
 def make_units(
@@ -185,7 +190,7 @@ def _video_frames(path: str, stride: int, size: int | None) -> Iterator[tuple[in
         try:
             container = av.open(source)
         except av.FFmpegError as err:
-            raise VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?") from None
+            raise _unopenable(path, err) from None
         with container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1  # a decode task reserves one CPU
