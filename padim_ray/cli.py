@@ -24,7 +24,7 @@ Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
 
 
 # options shared by every command that runs on Ray
-BatchSize = Annotated[int, typer.Option(help="Frames per forward pass.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Frames per forward pass (16 on CPU, 32 on a GPU).")]
 Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
 GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]

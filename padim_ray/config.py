@@ -8,6 +8,12 @@ from padim_ray.errors import PadimError
 
 FORMAT_VERSION = 1  # model store layout; bump when store.py changes what it writes
 MAPS_FORMAT_VERSION = 1  # anomaly-map store layout
+UPDATE_BYTES = 16 * 2**20  # float64 working memory of one statistics update: positions are folded in slices
+#                            of this size (scripts/profile_actor.py --update-mib)
+BATCH_SIZES = {"cpu": 16, "cuda": 32}  # frames per forward pass without --batch-size, by the actor's device. On CPU,
+#   16 holds half the activations of 32 (the stem's output alone is 64x128x128 floats per frame at 256x256): an
+#   R18-Rd100 actor peaks 190 MiB lower at the same frames/s (scripts/profile_actor.py --batch-size). A GPU
+#   keeps 32, for larger kernels (not measured on a GPU)
 SCENES_IN_FLIGHT = 2  # fit stc --scene all: one scene embedding, one preparing or writing its model
 
 
@@ -59,7 +65,7 @@ class ClusterConfig:
     decode_share: float = 1 / 16  # of a CPU node's CPUs (at least 1) left to decode tasks: decoding to 256x256
     #                               costs ~6% of an R18 forward pass per frame (scripts/bench_fit.py: 450-530
     #                               vs ~30 frames/s on 2 cores)
-    batch_size: int = 32  # frames per forward pass
+    batch_size: int | None = None  # frames per forward pass; None: BATCH_SIZES for the actor's device
     fan_in: int = 4  # partials merged per reduction task
     shard_bytes: int = 128 * 2**20  # bound on one statistics shard in the object store
     decode_batch: int = 16  # frames per block emitted by a decode task

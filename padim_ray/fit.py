@@ -47,11 +47,9 @@ class StatsActor(SplitConsumer):
 
     def __init__(self, make_embedder: EmbedderFactory, positions: int, dims: int, threads: int,
                  checkpoint_file: str | None = None, checkpoint_every: float = 0.0):
-        super().__init__()
-        torch.set_num_threads(threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
-        self.embed = make_embedder(device)
-        self.accumulator = StatsAccumulator(positions, dims, device)
+        super().__init__(threads)
+        self.embed = make_embedder(self.device)
+        self.accumulator = StatsAccumulator(positions, dims, self.device)
         self.checkpoint_file, self.checkpoint_every = checkpoint_file, checkpoint_every
         self.saved_at = time.monotonic()
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from padim_ray.config import UPDATE_BYTES
+
 
 @dataclass
 class GaussianStats:
@@ -68,12 +70,13 @@ class StatsAccumulator:
     no rank-1 correction (Chan's merge is kept for combining finished statistics).
     """
 
-    def __init__(self, positions: int, dims: int, device: torch.device | str = "cpu"):
+    def __init__(self, positions: int, dims: int, device: torch.device | str = "cpu", update_bytes: int = UPDATE_BYTES):
         self.count = 0
+        self.update_bytes = update_bytes
         self.shift = torch.zeros(positions, 1, dims, dtype=torch.float64, device=device)  # K, (P, 1, d)
         self.sum = torch.zeros(positions, dims, dtype=torch.float64, device=device)  # S1, (P, d)
         self.sum_outer = torch.zeros(positions, dims, dims, dtype=torch.float64, device=device)  # S2, (P, d, d)
-        self._widened = None  # float64 copy of the latest batch, reused: see update
+        self._widened = None  # float64 copy of the latest slice of positions, reused: see update
 
     @property
     def dims(self) -> int:
@@ -88,7 +91,7 @@ class StatsAccumulator:
         """An accumulator holding a saved `state()`."""
         accumulator = cls.__new__(cls)
         accumulator.count = int(state["count"])
-        accumulator._widened = None
+        accumulator.update_bytes, accumulator._widened = UPDATE_BYTES, None
         for name in ("shift", "sum", "sum_outer"):
             setattr(accumulator, name, torch.as_tensor(np.asarray(state[name]), device=device))
         return accumulator
@@ -98,25 +101,32 @@ class StatsAccumulator:
 
         In place so that the accumulator of a large model (WR50-Rd550: 10 GB) is never copied. The
         Embedder's output is a view of positions-major memory, so the permute below copies nothing.
+        Positions are folded a slice at a time, each slice widened to float64 in at most
+        `update_bytes`: the whole batch in float64 (R18-Rd100, 32 frames: 105 MB) would be held
+        by every stats actor for the whole fit. Positions are independent, so slicing changes no bit.
         """
         batch, dims = embeddings.shape[:2]
         if dims != self.dims:
             raise ValueError(f"embeddings have {dims} dims, statistics have {self.dims}")
-        x = embeddings.reshape(batch, dims, -1).permute(2, 0, 1).contiguous()  # (P, B, d)
-        if self.count == 0:
-            self.shift.copy_(x.mean(dim=1, keepdim=True, dtype=torch.float64))
-        shifted = self._widen(x).sub_(self.shift)  # (P, B, d) float64: float32 inputs widen exactly
-        self.sum.add_(shifted.sum(dim=1))
-        self.sum_outer.baddbmm_(shifted.transpose(1, 2), shifted)  # batched rank-B update, (P, d, d)
+        x = embeddings.reshape(batch, dims, -1).permute(2, 0, 1)  # (P, B, d)
+        step = max(1, self.update_bytes // (batch * dims * 8))
+        for start in range(0, len(x), step):
+            stop = start + step
+            widened = self._widen(x[start:stop])  # float32 inputs widen exactly
+            if self.count == 0:
+                self.shift[start:stop] = widened.mean(dim=1, keepdim=True)
+            shifted = widened.sub_(self.shift[start:stop])  # (p, B, d) float64
+            self.sum[start:stop].add_(shifted.sum(dim=1))
+            self.sum_outer[start:stop].baddbmm_(shifted.transpose(1, 2), shifted)  # batched rank-B update, (p, d, d)
         self.count += batch
         return self
 
     def _widen(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` copied to float64 into memory kept across batches.
+        """`x` copied to float64 into memory kept across slices and batches.
 
-        A fresh float64 batch (R18-Rd100: 105 MB) cost page faults on every batch, and torch's
-        mixed-dtype subtraction is slow: copy then subtract in place took 11 ms per batch of 32 on
-        CPU where `torch.sub(x, shift)` took 70 (scripts/profile_actor.py).
+        A fresh float64 tensor cost page faults on every batch, and torch's mixed-dtype subtraction
+        is slow: copy then subtract in place took 11 ms per batch of 32 on CPU where
+        `torch.sub(x, shift)` took 70 (scripts/profile_actor.py).
         """
         if self._widened is None or self._widened.numel() < x.numel() or self._widened.device != x.device:
             self._widened = torch.empty(x.numel(), dtype=torch.float64, device=x.device)

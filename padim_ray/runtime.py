@@ -19,7 +19,7 @@ import ray
 from tqdm import tqdm
 
 from padim_ray.accounting import Accounting
-from padim_ray.config import ClusterConfig
+from padim_ray.config import BATCH_SIZES, ClusterConfig
 from padim_ray.errors import PadimError
 from padim_ray.video import BAD_UNIT
 
@@ -170,19 +170,26 @@ def describe_plan(plan: list[ActorSpec]) -> str:
 class SplitConsumer:
     """Base of actors that consume streaming splits of decoded frames (see stream_to_actors).
 
-    Subclasses call `super().__init__()` and implement `process(batch)` and `result()`; this class
-    records every row it consumed (work unit, frame index) across all the splits it is handed.
+    Subclasses call `super().__init__(threads)` and implement `process(batch)` and `result()`; this
+    class picks the actor's torch device and records every row it consumed (work unit, frame index)
+    across all the splits it is handed.
     """
 
-    def __init__(self):
+    def __init__(self, threads: int):
+        import torch  # here, not at the top: FrameCredits actors import this module and need no torch
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
         self.accounting = Accounting()
         self.stopping = False
         self.stream = None  # which stream_to_actors call the split in hand belongs to
 
-    def consume(self, split, batch_size: int, stream: str | None = None, credits=None):
+    def consume(self, split, batch_size: int | None, stream: str | None = None, credits=None):
         """Process every batch of `split` (until `stop(stream)`), giving its rows back to `credits`
-        (a FrameCredits actor) once done; returns (accounting of every split so far, self.result())."""
+        (a FrameCredits actor) once done; returns (accounting of every split so far, self.result()).
+        A `batch_size` of None is the default for this actor's device (config.BATCH_SIZES)."""
         self.stopping, self.stream = False, stream
+        batch_size = batch_size or BATCH_SIZES[self.device.type]
         for batch in split.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
             if self.stopping:
                 break
@@ -298,7 +305,7 @@ def stream_to_actors(dataset_for: Callable, actors: list, cluster: ClusterConfig
     started = [i for i, outcome in enumerate(outcomes) if outcome is None]
     if not started:
         return outcomes
-    queued = max(cluster.frames_queued, 2 * (cluster.batch_size + block_rows))
+    queued = max(cluster.frames_queued, 2 * ((cluster.batch_size or max(BATCH_SIZES.values())) + block_rows))
     credits = FrameCredits.remote(queued * len(started))
     splits = dataset_for(credits).streaming_split(len(started), equal=False)  # equal=True would drop rows
     stream = uuid.uuid4().hex

@@ -106,10 +106,8 @@ class ScoreActor(SplitConsumer):
     """
 
     def __init__(self, model_path: Location, score: ScoreConfig, maps_root: Location, targets: dict[int, MapTarget], threads: int):
-        super().__init__()
-        torch.set_num_threads(threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
-        self.scorer = Scorer(model_path, score, device)
+        super().__init__(threads)
+        self.scorer = Scorer(model_path, score, self.device)
         self.writer = MapChunkWriter(maps_root, score.chunk_frames)
         self.targets = targets
         self.map_dtype = getattr(torch, score.map_dtype)  # cast on the device: 10x cheaper than numpy's astype

@@ -45,6 +45,18 @@ def test_float32_embeddings_are_accumulated_in_float64():
     assert relative_error(stats.mean.numpy(), mean) <= 1e-12
 
 
+def test_folding_positions_in_slices_changes_no_bit():
+    rng = np.random.default_rng(5)
+    embeddings = torch.from_numpy(_embeddings(rng, 64, loc=50.0).astype(np.float32))
+    one_position = 8 * 6 * 8  # bytes of one position of an 8-frame batch in float64
+    sliced, whole = StatsAccumulator(12, 6, update_bytes=5 * one_position), StatsAccumulator(12, 6, update_bytes=2**30)
+    for batch in embeddings.split(8):
+        sliced.update(batch), whole.update(batch)
+    assert sliced._widened.numel() == 5 * 8 * 6  # the slice, not the batch, was widened
+    for name in ("shift", "sum", "sum_outer"):
+        np.testing.assert_array_equal(getattr(sliced, name).numpy(), getattr(whole, name).numpy())
+
+
 def test_shard_statistics_equal_the_whole():
     rng = np.random.default_rng(2)
     accumulator = StatsAccumulator(12, 6).update(torch.from_numpy(_embeddings(rng, 40, loc=3.0)))
