@@ -1,4 +1,4 @@
-"""Decoding (PyAV for videos, which decord indexes; Pillow for frame folders) and the Ray Data source of frames.
+"""Decoding (PyAV for videos, Pillow for frame folders) and the Ray Data source of frames.
 
 Inputs are cut into work units with stable ids (one video, or a range of one folder's frames). A
 decode task reads one unit sequentially and marks the unit's last row with the number of frames it
@@ -99,24 +99,34 @@ def _readable(where: Location | str | Path):
             yield handle
 
 
-def open_video(path: Location | str | Path):
-    """A decord VideoReader for `path`, or a VideoError naming the file.
+def index_video(path: Location | str | Path) -> tuple[int, int, int]:
+    """(frames, height, width) of a video, or a VideoError naming the file; run before any cluster work.
 
-    Used to index a video (frame count, size) before any cluster work; frames are decoded with PyAV
-    (see _video_frames). A video in a bucket is read into memory first (decord copies a file object
-    whole): one at a time.
+    Frames are counted from the container's packets, decoding only until a first frame shows that
+    the stream decodes: headers often declare no count (Matroska, WebM, MPEG-PS), and map stores are
+    sized from this one. A video in a bucket is streamed with ranged reads, never held whole.
     """
-    import decord
+    import av
 
     with _readable(path) as source:
         try:
-            return decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
-        except Exception as err:
+            with av.open(source) as container:
+                if not container.streams.video:
+                    raise VideoError(f"input {path} has no video stream; pass video files or folders of frames")
+                stream = container.streams.video[0]
+                stream.codec_context.thread_count = 1
+                frames, decoded = 0, False
+                for packet in container.demux(stream):
+                    if packet.size:
+                        frames += 1
+                        decoded = decoded or bool(stream.decode(packet))
+                return frames, stream.codec_context.height, stream.codec_context.width
+        except av.FFmpegError as err:
             raise _unopenable(path, err) from None
 
 
 def _unopenable(path, err: Exception) -> VideoError:
-    """The one-line error for a video that cannot be opened (by decord to index it, or PyAV to decode it)."""
+    """The one-line error for a video that cannot be opened (to index it, or to decode it)."""
     return VideoError(f"cannot open video {path} ({first_line(err)}); is it a complete, readable video file?")
 
 
@@ -151,9 +161,8 @@ def _input_units(path: Location | str | Path, first_uid: int, folder_unit_frames
                      min(folder_unit_frames, len(files) - start), height, width)
             for i, start in enumerate(starts)
         ]
-    reader = open_video(path)  # validates the header now, before any cluster work
-    height, width = reader[0].shape[:2] if len(reader) else (0, 0)
-    return [WorkUnit(first_uid, path.uri, frames=len(reader), height=height, width=width)]
+    frames, height, width = index_video(path)  # validates the container now, before any cluster work
+    return [WorkUnit(first_uid, path.uri, frames=frames, height=height, width=width)]
 
 
 def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -174,12 +183,12 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
 def _video_frames(path: str, stride: int, size: int | None) -> Iterator[tuple[int, np.ndarray]]:
     """A video's (index, frame) in order, decoded with PyAV on one thread, every `stride`-th kept.
 
-    Not decord, which make_units still uses to index a video: decord 0.6's next() keeps queueing
-    packets until its decoding thread answers, and that thread decodes the queue whenever the
-    reader waits. A decode task that waits for frame credit thus ends up holding the rest of the
-    video decoded (3.37 GiB at 16,384 frames at 256x256). PyAV decodes only when asked. With one
-    scaler for the whole video it costs what decord does (1.9 ms of CPU per 768x576 frame scaled
-    to 256x256); a new scaler per frame (`VideoFrame.reformat`) cost 4.7.
+    Not decord, which decoded videos before: decord 0.6's next() keeps queueing packets until its
+    decoding thread answers, and that thread decodes the queue whenever the reader waits. A decode
+    task that waits for frame credit thus ended up holding the rest of the video decoded (3.37 GiB
+    at 16,384 frames at 256x256). PyAV decodes only when asked. With one scaler for the whole video
+    it costs what decord did (1.9 ms of CPU per 768x576 frame scaled to 256x256); a new scaler per
+    frame (`VideoFrame.reformat`) cost 4.7.
     """
     import av
     from av.video.reformatter import Interpolation, VideoReformatter

@@ -1,11 +1,13 @@
-"""Decoding real video files with decord (written with PyAV) and frame folders; the Ray Data source."""
+"""Decoding real video files (written with PyAV) and frame folders; the Ray Data source."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from padim_ray.video import NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, iter_unit_frames, make_units
+from padim_ray.video import (
+    NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, index_video, iter_unit_frames, make_units,
+)
 
 
 def test_decodes_every_frame_in_order(stc_root):
@@ -28,8 +30,9 @@ def test_frames_resized_while_decoding_are_the_resized_picture(stc_root, size):
     assert np.abs(resized - reference).mean() < 6  # another filter than Pillow's; one pixel off is 8-13, BGR 14-16
 
 
-def test_videos_decode_to_the_picture_decord_indexes(stc_root):
-    """Videos are decoded with PyAV (decord reads ahead without bound); the pixels are decord's up to the scaler's rounding."""
+def test_videos_decode_to_decords_picture(stc_root):
+    """Videos are decoded with PyAV (decord, which decoded them before and feeds anomalib, reads ahead
+    without bound); the pixels are decord's up to the scaler's rounding."""
     import decord
 
     video = stc_root / "training" / "videos" / "01_001.avi"
@@ -39,6 +42,39 @@ def test_videos_decode_to_the_picture_decord_indexes(stc_root):
     assert decoded.shape == expected.shape == (30, 64, 64, 3)
     difference = np.abs(decoded - expected)
     assert difference.mean() < 1 and difference.max() <= 16  # one pixel off or BGR: 8-16 on average
+
+
+@pytest.mark.parametrize("name, codec", [("clip.mkv", "libx264"), ("clip.mpg", "mpeg2video")])
+def test_videos_whose_header_declares_no_frame_count_are_counted(tmp_path, name, codec):
+    import av
+
+    path = tmp_path / name
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(11):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((64, 96, 3), 20 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # the header declares nothing
+    assert index_video(path) == (11, 64, 96)
+    units, estimate = make_units([path])
+    assert estimate == units[0].frames == len(list(iter_unit_frames(units[0]))) == 11
+
+
+def test_a_file_without_a_video_stream_is_refused(tmp_path):
+    import av
+
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    with pytest.raises(VideoError, match=f"input {path} has no video stream"):
+        make_units([path])
 
 
 def test_decode_blocks_mark_the_last_row_with_the_unit_total(stc_root):
