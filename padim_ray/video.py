@@ -108,21 +108,35 @@ def index_video(path: Location | str | Path) -> tuple[int, int, int]:
     """
     import av
 
-    with _readable(path) as source:
+    with _video_stream(path) as (container, stream):
+        frames, decoded = 0, False
         try:
-            with av.open(source) as container:
-                if not container.streams.video:
-                    raise VideoError(f"input {path} has no video stream; pass video files or folders of frames")
-                stream = container.streams.video[0]
-                stream.codec_context.thread_count = 1
-                frames, decoded = 0, False
-                for packet in container.demux(stream):
-                    if packet.size:
-                        frames += 1
-                        decoded = decoded or bool(stream.decode(packet))
-                return frames, stream.codec_context.height, stream.codec_context.width
+            for packet in container.demux(stream):
+                if packet.size:
+                    frames += 1
+                    decoded = decoded or bool(stream.decode(packet))
         except av.FFmpegError as err:
             raise _unopenable(path, err) from None
+        return frames, stream.codec_context.height, stream.codec_context.width
+
+
+@contextmanager
+def _video_stream(path: Location | str | Path):
+    """(container, its first video stream) of `path`, opened with PyAV to decode on one thread
+    (a decode task reserves one CPU); a file that cannot be opened or has no video is a VideoError."""
+    import av
+
+    with _readable(path) as source:
+        try:
+            container = av.open(source)
+        except av.FFmpegError as err:
+            raise _unopenable(path, err) from None
+        with container:
+            if not container.streams.video:
+                raise VideoError(f"input {path} has no video stream; pass video files or folders of frames")
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            yield container, stream
 
 
 def _unopenable(path, err: Exception) -> VideoError:
@@ -195,23 +209,16 @@ def _video_frames(path: str, stride: int, size: int | None) -> Iterator[tuple[in
 
     scaler = VideoReformatter()
     index = 0
-    with _readable(path) as source:
+    with _video_stream(path) as (container, stream):
+        declared = stream.frames
         try:
-            container = av.open(source)
+            for frame in container.decode(stream):
+                if index % stride == 0:
+                    scaled = scaler.reformat(frame, width=size, height=size, format="rgb24", interpolation=Interpolation.BILINEAR)
+                    yield index, scaled.to_ndarray()
+                index += 1
         except av.FFmpegError as err:
-            raise _unopenable(path, err) from None
-        with container:
-            stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1  # a decode task reserves one CPU
-            declared = stream.frames
-            try:
-                for frame in container.decode(stream):
-                    if index % stride == 0:
-                        scaled = scaler.reformat(frame, width=size, height=size, format="rgb24", interpolation=Interpolation.BILINEAR)
-                        yield index, scaled.to_ndarray()
-                    index += 1
-            except av.FFmpegError as err:
-                raise VideoError(f"video {path} is corrupt at frame {index} ({first_line(err)}); re-encode or remove it") from None
+            raise VideoError(f"video {path} is corrupt at frame {index} ({first_line(err)}); re-encode or remove it") from None
     if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
         raise VideoError(f"video {path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
 
