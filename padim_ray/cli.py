@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from padim_ray.backbones import BACKBONES
-from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
+from padim_ray.config import BACKBONE_DTYPES, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.synthetic import SyntheticSpec
 
@@ -21,6 +21,7 @@ app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for survei
 
 DEFAULT_STC_ROOT = os.environ.get("PADIM_RAY_STC_ROOT", "data/shanghaitech")
 Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
+BackboneDtype = Enum("BackboneDtype", {name: name for name in BACKBONE_DTYPES}, type=str)
 
 
 # options shared by every command that runs on Ray
@@ -104,6 +105,7 @@ def fit(
     image_size: Annotated[int, typer.Option(help="Frames are resized to this square size.")] = ModelConfig.image_size,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset (and of random init).")] = ModelConfig.seed,
     frame_stride: Annotated[int, typer.Option(help="Use every n-th frame.")] = ModelConfig.frame_stride,
+    backbone_dtype: Annotated[BackboneDtype, typer.Option(help="Backbone arithmetic: float32 (strict, no TF32) or bfloat16 (autocast); recorded in the model.")] = BackboneDtype.float32,
     batch_size: BatchSize = ClusterConfig.batch_size,
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
@@ -124,7 +126,10 @@ def fit(
     from padim_ray.stc import scene_path, scene_videos, select_scenes, training_scenes
 
     with _one_line_errors():
-        model = ModelConfig(backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride)
+        model = ModelConfig(
+            backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride,
+            backbone_dtype=backbone_dtype.value,
+        )
         cluster = ClusterConfig(
             actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
             checkpoint_every=checkpoint_every, max_retries=max_retries,

@@ -14,6 +14,7 @@ BATCH_SIZES = {"cpu": 16, "cuda": 32}  # frames per forward pass without --batch
 #   16 holds half the activations of 32 (the stem's output alone is 64x128x128 floats per frame at 256x256): an
 #   R18-Rd100 actor peaks 190 MiB lower at the same frames/s (scripts/profile_actor.py --batch-size). A GPU
 #   keeps 32, for larger kernels (not measured on a GPU)
+BACKBONE_DTYPES = ("float32", "bfloat16")  # ModelConfig.backbone_dtype
 SCENES_IN_FLIGHT = 2  # fit stc --scene all: one scene embedding, one preparing or writing its model
 
 
@@ -40,6 +41,9 @@ class ModelConfig:
     seed: int = 1024  # seeds the random channel subset ("Rd") and random-init weights
     eps: float = 0.01  # regulariser added to each covariance, eq. (1)
     frame_stride: int = 1  # use every n-th frame of each video (1 = all frames)
+    backbone_dtype: str = "float32"  # the backbone's arithmetic: "float32" (strict, TF32 off, on every device) or
+    #   "bfloat16" (autocast; embeddings differ from float32 by ~1e-2 relative). Part of the model's identity:
+    #   statistics of the two are never mixed in one model (a resume or an update keeps the stored one)
 
     def __post_init__(self):
         _require(self, {
@@ -48,6 +52,7 @@ class ModelConfig:
             "seed": (lambda v: v >= 0, "at least 0"),
             "eps": (lambda v: v > 0, "positive"),
             "frame_stride": (lambda v: v >= 1, "at least 1"),
+            "backbone_dtype": (lambda v: v in BACKBONE_DTYPES, " or ".join(BACKBONE_DTYPES)),
         })
 
     def to_dict(self) -> dict:

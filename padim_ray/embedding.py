@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -68,16 +70,17 @@ class Embedder(nn.Module):
         model, self.weights_identity = load_weights(self.spec, config.weights, config.seed)
         with _BUILD_LOCK:
             self.extractor = fold_batch_norms(create_feature_extractor(model, return_nodes={s: s for s in self.spec.stages}).eval())
+        self.device = torch.device(device)
+        self.dtype = config.backbone_dtype
         offsets = np.cumsum((0,) + self.spec.channels)
-        self.stage_channels = [  # indices within each stage, in the sorted global order
-            torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo)
+        self.stage_channels = [  # indices within each stage, in the sorted global order, on the device once
+            torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo, device=self.device)
             for lo, hi in zip(offsets[:-1], offsets[1:])
         ]
         self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1))
-        self.device = torch.device(device)
         # channels_last: frames arrive as (B, H, W, 3), and both oneDNN (CPU, ~12% faster here) and
-        # cuDNN's tensor-core kernels (with bf16 autocast in forward) prefer it
+        # cuDNN's tensor-core kernels prefer it
         self.to(device, memory_format=torch.channels_last)
         with _BUILD_LOCK, torch.inference_mode():
             probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
@@ -101,22 +104,41 @@ class Embedder(nn.Module):
         frames = torch.as_tensor(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise PadimError(f"frames must be (B, H, W, 3) RGB, got shape {tuple(frames.shape)}")
-        if self.device.type == "cuda":
-            frames = frames.pin_memory().to(self.device, non_blocking=True)
-        frames = resize_frames(frames.to(self.device), self.image_size)
+        if self.device.type == "cuda" and frames.device.type == "cpu":
+            frames = frames.pin_memory()  # so that the copy below does not block the host
+        frames = resize_frames(frames.to(self.device, non_blocking=True), self.image_size)
         x = frames.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S), channels_last strides
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with backbone_arithmetic(self.device, self.dtype):
             features = self.extractor(x)
         batch, (height, width) = len(x), features[self.spec.stages[0]].shape[-2:]
         out = torch.empty(height, width, batch, self.dims, device=self.device)  # (h, w, B, d)
         offset = 0
         for stage, channels in zip(self.spec.stages, self.stage_channels):
             if len(channels):  # select before upsampling: each chosen channel belongs to one stage
-                part = features[stage][:, channels.to(self.device)].float()  # (B, c_s, h_s, w_s)
+                part = features[stage][:, channels].float()  # (B, c_s, h_s, w_s)
                 _place_upsampled(out[..., offset : offset + len(channels)], part)
                 offset += len(channels)
         return out.permute(2, 3, 0, 1)  # (B, d, h, w), a view
+
+
+@contextmanager
+def backbone_arithmetic(device: torch.device, dtype: str) -> Iterator[None]:
+    """The backbone's arithmetic for ModelConfig.backbone_dtype: bfloat16 autocast, or strict float32.
+
+    Strict float32 turns off cuDNN's TF32 convolutions (10-bit mantissa, on by default in torch),
+    so that a model's float32 embeddings agree across devices to float32 rounding.
+    """
+    if dtype == "bfloat16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def _place_upsampled(out: torch.Tensor, part: torch.Tensor) -> None:

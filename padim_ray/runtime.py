@@ -31,6 +31,7 @@ class ClusterError(PadimError):
 
 
 _WORKER_LOGS = {"show": True}
+_STARTED_HERE = {"local": False}  # whether connect() started a local Ray instance, which no autoscaler grows
 
 
 def show_worker_logs(show: bool) -> None:
@@ -48,7 +49,7 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     if address == "local":
-        ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
+        _start_local()
     elif address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=_WORKER_LOGS["show"])
     else:
@@ -56,7 +57,12 @@ def connect(address: str | None = None) -> None:
             ray.init(address="auto", log_to_driver=_WORKER_LOGS["show"])
         except ConnectionError:
             log.info("no running Ray cluster found: starting a local one")
-            ray.init(include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
+            _start_local()
+
+
+def _start_local() -> None:
+    ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
+    _STARTED_HERE["local"] = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,11 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int((cpus - 1) // cpus_per_actor))
+    if actors * gpus_per_actor > gpus and _STARTED_HERE["local"]:
+        raise ClusterError(
+            f"{actors} actors x {gpus_per_actor:g} GPUs need {actors * gpus_per_actor:g} GPUs; this machine has {gpus:g} "
+            "and its local Ray no autoscaler to add more; lower --actors or --gpus-per-actor (0 runs actors on the CPU)"
+        )
     if actors * gpus_per_actor > gpus:
         gpus = wait_for_gpus(actors * gpus_per_actor, cluster.gpu_wait)
     if actors * gpus_per_actor > gpus:
@@ -167,6 +178,28 @@ def describe_plan(plan: list[ActorSpec]) -> str:
     return ", ".join(f"{count} x ({kind})" for kind, count in kinds.items())
 
 
+def choose_device(gpu_ids: list, cuda_available: bool):
+    """An actor's torch device: the first GPU it reserved (Ray makes it cuda:0 by setting
+    CUDA_VISIBLE_DEVICES to the reserved ones), else the CPU, even where CUDA is visible."""
+    import torch
+
+    return torch.device("cuda", 0) if gpu_ids and cuda_available else torch.device("cpu")
+
+
+def actor_device():
+    """The device this actor's resources reserve (`choose_device` of Ray's GPU ids).
+
+    Ray 2.60 no longer hides GPUs from actors that reserved none: deciding by
+    torch.cuda.is_available() alone put a CPU actor on GPU 0, unreserved, beside another's work.
+    """
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    if gpu_ids and not torch.cuda.is_available():
+        log.warning("this actor reserved GPUs %s but torch sees no CUDA device: it runs on the CPU", gpu_ids)
+    return choose_device(gpu_ids, torch.cuda.is_available())
+
+
 class SplitConsumer:
     """Base of actors that consume streaming splits of decoded frames (see stream_to_actors).
 
@@ -179,7 +212,7 @@ class SplitConsumer:
         import torch  # here, not at the top: FrameCredits actors import this module and need no torch
 
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray may set CUDA_VISIBLE_DEVICES on CPU nodes
+        self.device = actor_device()
         self.accounting = Accounting()
         self.stopping = False
         self.stream = None  # which stream_to_actors call the split in hand belongs to

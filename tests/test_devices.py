@@ -1,0 +1,104 @@
+"""Which device an actor computes on, and the backbone arithmetic a model records.
+
+Ray 2.60 no longer hides GPUs from actors that reserved none, so an actor must follow the GPUs its
+resources reserve (Ray's GPU ids), not the GPUs torch can see. Ray's fake GPU resources on this CPU
+machine show what each actor is given; the rule itself is checked with CUDA visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from padim_ray.checkpoint import CheckpointError, Checkpoints
+from padim_ray.config import ConfigError, ModelConfig
+from padim_ray.embedding import Embedder
+from padim_ray.fit import _identity
+from padim_ray.runtime import choose_device
+from padim_ray.stc import scene_videos
+from padim_ray.store import open_model
+from padim_ray.video import WorkUnit
+from conftest import SMALL_MODEL, relative_error
+
+BIN = Path(sys.executable).parent
+
+# an actor built on SplitConsumer (as the stats and score actors are), on a local Ray with one fake GPU
+PROBE_ACTORS = """
+import json, sys, tempfile
+import ray
+from padim_ray.runtime import SplitConsumer
+
+@ray.remote
+class Probe(SplitConsumer):
+    def report(self):
+        return {"gpu_ids": [int(i) for i in ray.get_gpu_ids()], "device": str(self.device)}
+
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="prd-"))
+reports = {gpus: ray.get(Probe.options(num_cpus=0.5, num_gpus=gpus).remote(1).report.remote()) for gpus in (0, 1)}
+print(json.dumps(reports))
+ray.shutdown()
+"""
+
+
+def test_device_rule_follows_reserved_gpus_not_visible_ones():
+    assert choose_device([], cuda_available=True) == torch.device("cpu")  # CUDA visible, no GPU reserved
+    assert choose_device([3], cuda_available=True) == torch.device("cuda", 0)  # Ray made the reserved GPU cuda:0
+    assert choose_device([0], cuda_available=False) == torch.device("cpu")  # a fake GPU: no CUDA behind it
+
+
+def test_actors_get_only_the_gpus_they_reserve():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", PROBE_ACTORS], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reports = json.loads(run.stdout.strip().splitlines()[-1])
+    assert reports["0"] == {"gpu_ids": [], "device": "cpu"}  # with a GPU on the node, none reserved: the CPU
+    reserved = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert reports["1"] == {"gpu_ids": [0], "device": reserved}
+
+
+def test_a_gpu_wait_on_a_local_ray_fails_at_once_in_one_line(stc_root, tmp_path):
+    """No autoscaler can add GPUs to the local Ray a command started: it says so instead of waiting."""
+    command = [
+        str(BIN / "padim-ray"), "fit", "videos", str(scene_videos(stc_root, "01")[0]), "--out", str(tmp_path / "model"),
+        "--weights", "none", "--image-size", "64", "--dims", "16", "--gpus-per-actor", "1", "--actors", "64", "--address", "local",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="prg-")
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 64 actors x 1 GPUs need 64 GPUs; this machine has") and "no autoscaler" in last, run.stderr[-2000:]
+    assert "--gpus-per-actor" in last and not (tmp_path / "model").exists()
+
+
+def test_a_model_records_its_backbone_dtype(small_model):
+    assert open_model(small_model).attrs["config"]["backbone_dtype"] == "float32"
+
+
+def test_bfloat16_embeddings_differ_from_float32_within_bfloat16_rounding():
+    frames = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    as_float32 = Embedder(SMALL_MODEL)(frames).numpy()
+    as_bfloat16 = Embedder(ModelConfig(**{**SMALL_MODEL.to_dict(), "backbone_dtype": "bfloat16"}))(frames).numpy()
+    assert 1e-4 < relative_error(as_bfloat16, as_float32) < 5e-2  # honoured (it differs), and only by rounding
+
+
+def test_a_resume_in_another_backbone_dtype_is_refused(tmp_path):
+    """A checkpoint's identity holds the dtype: float32 and bfloat16 statistics never meet in one model."""
+    units = [WorkUnit(0, "a.avi", frames=10)]
+    as_bfloat16 = ModelConfig(**{**SMALL_MODEL.to_dict(), "backbone_dtype": "bfloat16"})
+    Checkpoints.open(tmp_path / "c", _identity(SMALL_MODEL, Embedder(SMALL_MODEL), units))
+    with pytest.raises(CheckpointError, match=r"belongs to a fit with other config"):
+        Checkpoints.open(tmp_path / "c", _identity(as_bfloat16, Embedder(as_bfloat16), units))
+
+
+def test_an_unknown_backbone_dtype_is_refused():
+    with pytest.raises(ConfigError, match=r"--backbone-dtype must be float32 or bfloat16, got float16"):
+        ModelConfig(backbone_dtype="float16")
