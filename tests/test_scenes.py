@@ -12,7 +12,7 @@ from padim_ray.stc import scene_videos
 from padim_ray.storage import Location
 from padim_ray.store import open_model
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
-from conftest import BUCKET, SMALL_MODEL, relative_error
+from conftest import SMALL_MODEL, relative_error
 from test_cli import SMALL_FIT, assert_clean_failure, run
 
 TWO_SCENES = SyntheticSpec(scenes=("01", "02"), train_videos=1, train_frames=20, test_clips=0, width=160, height=96)
