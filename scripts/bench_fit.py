@@ -18,14 +18,14 @@ from benchlib import against_bare, padim_ray
 CHECKPOINT_EVERY = 2.0  # seconds: ~8 saves of the 330 MB accumulator in a 512-frame fit here
 
 
-def fit_command(video: Path, out: Path, *options: str) -> list[str]:
+def fit_command(videos: list[Path], out: Path, *options: str) -> list[str]:
     """R18-Rd100 at 256x256, random init (ImageNet weights cannot be downloaded here)."""
-    return padim_ray("fit", "videos", video, "--out", out, "--weights", "none", *options)
+    return padim_ray("fit", "videos", *videos, "--out", out, "--weights", "none", *options)
 
 
 if __name__ == "__main__":
     checkpointing = {
         f"padim-ray fit --checkpoint-every {CHECKPOINT_EVERY:g}":
-            lambda video, tmp, scratch: fit_command(video, scratch / "model", "--checkpoint-every", str(CHECKPOINT_EVERY)),
+            lambda videos, tmp, scratch: fit_command(videos, scratch / "model", "--checkpoint-every", str(CHECKPOINT_EVERY)),
     }
-    against_bare(__doc__, "fit", lambda video, tmp, scratch: fit_command(video, scratch / "model"), variants=checkpointing)
+    against_bare(__doc__, "fit", lambda videos, tmp, scratch: fit_command(videos, scratch / "model"), variants=checkpointing)

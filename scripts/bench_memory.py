@@ -24,7 +24,7 @@ def main() -> None:
     videos = footage(args.frames, REPO / "data" / "vtest.avi", REPO / "runs" / "footage")
     for n, video in videos.items():
         with workdir() as tmp:
-            run = measure(fit_command(video, tmp / "model"), n)
+            run = measure(fit_command([video], tmp / "model"), n)
         print(f"padim-ray fit at {n} frames: {run.seconds:.1f} s, peak {run.peak_bytes / 2**30:.2f} GiB", flush=True)
         for process, pss in sorted(run.peak_parts.items(), key=lambda item: -item[1])[:PROCESSES_SHOWN]:
             print(f"  {pss / 2**30:6.2f} GiB  {process}", flush=True)

@@ -95,10 +95,10 @@ def main() -> None:
     with workdir() as tmp:
         commands = {
             **component_rows("backbone"),
-            f"anomalib {anomalib.__version__} PaDiM": lambda video, scratch: [sys.executable, Path(__file__).resolve(), "--child", video],
-            "padim-ray fit": lambda video, scratch: fit_command(video, scratch / "model"),
+            f"anomalib {anomalib.__version__} PaDiM": lambda inputs, scratch: [sys.executable, Path(__file__).resolve(), "--child", inputs[0]],
+            "padim-ray fit": lambda inputs, scratch: fit_command(inputs, scratch / "model"),
         }
-        bare, peer, fit = measure_rows(commands, videos, args.repeat)
+        bare, peer, fit = measure_rows(commands, {n: [video] for n, video in videos.items()}, args.repeat)
     speedup = fit.ratio(peer)
     gaussians = gaussian_difference(videos[args.frames[0]], 64)
     notes = [

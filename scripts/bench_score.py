@@ -16,14 +16,14 @@ from bench_fit import fit_command
 from benchlib import against_bare, measure, padim_ray
 
 
-def fit_once(videos: dict[int, Path], tmp: Path) -> None:
+def fit_once(videos: dict[int, list[Path]], tmp: Path) -> None:
     """The model to score, untimed."""
     measure(fit_command(videos[min(videos)], tmp / "model"))
 
 
-def score_command(video: Path, tmp: Path, scratch: Path) -> list[str]:
-    """`padim-ray score` of `video` with the model prepared in `tmp`, maps into `scratch`."""
-    return padim_ray("score", tmp / "model", video, "--out", scratch / "maps")
+def score_command(videos: list[Path], tmp: Path, scratch: Path) -> list[str]:
+    """`padim-ray score` of `videos` with the model prepared in `tmp`, maps into `scratch`."""
+    return padim_ray("score", tmp / "model", *videos, "--out", scratch / "maps")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ the denominator of every ratio. The embedder row is padim_ray's Embedder alone o
 Children run in a temp dir with a private Ray temp dir and no RAY_ADDRESS (`workdir`), and start their
 own local Ray (`address="local"`), so they never attach to (or disturb) another cluster on the machine.
 
-    python scripts/benchlib.py decode VIDEO     # child: the package's decode path on a local Ray
-    python scripts/benchlib.py backbone VIDEO   # child: the bare backbone on pre-resized frames
-    python scripts/benchlib.py embedder VIDEO   # child: padim-ray's Embedder on pre-resized frames
+    python scripts/benchlib.py decode VIDEO...     # child: the package's decode path on a local Ray
+    python scripts/benchlib.py backbone VIDEO...   # child: the bare backbone on pre-resized frames
+    python scripts/benchlib.py embedder VIDEO...   # child: padim-ray's Embedder on pre-resized frames
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every row; each keeps its median time per count")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "footage", help="re-encoded footage, kept between runs")
+    parser.add_argument(
+        "--clips", type=int, default=1,
+        help="inputs per frame count: N / CLIPS frames of the source, CLIPS times (each clip is a work unit with its own decoder)",
+    )
     if extra:
         extra(parser)
     args = parser.parse_args()
@@ -71,6 +75,8 @@ def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
         parser.error(f"--frames needs 0 < N1 < N2, got {args.frames}")
     if args.repeat < 1:
         parser.error(f"--repeat needs at least 1, got {args.repeat}")
+    if args.clips < 1 or any(n % args.clips for n in args.frames):
+        parser.error(f"--clips must be at least 1 and divide both frame counts, got {args.clips} for {args.frames}")
     args.json, args.cache = args.json.resolve(), args.cache.resolve()  # children run elsewhere
     args.source = args.source if str(args.source) == SYNTHETIC else args.source.resolve()
     return args
@@ -93,6 +99,23 @@ def footage(counts: list[int], source: Path, cache: Path) -> dict[int, Path]:
             _reencode(source, path, n)
         videos[n] = path
     return videos
+
+
+def clips(counts: list[int], source: Path, cache: Path, per_count: int) -> dict[int, list[Path]]:
+    """Per n, `per_count` inputs of n / per_count frames of `source` each: links to one re-encoded
+    video under distinct names, so that each is a work unit of its own (decoded by its own task) at
+    the cost of decoding distinct videos."""
+    videos = footage([n // per_count for n in counts], source, cache)
+    if per_count == 1:
+        return {n: [videos[n]] for n in counts}
+    inputs = {}
+    for n in counts:
+        video = videos[n // per_count]
+        inputs[n] = [video.with_name(f"{video.stem}_clip{i:02d}.avi") for i in range(per_count)]
+        for link in inputs[n]:
+            if not link.exists():
+                os.link(video, link)
+    return inputs
 
 
 def _synthetic_clip(cache: Path) -> Path:
@@ -247,17 +270,17 @@ def _last_json(out: str) -> dict:
 
 
 def padim_ray(*args) -> list[str]:
-    """The `padim-ray` command of this Python's environment with `args`, on a fresh local Ray.
+    """The padim-ray command run by this Python (`python -m padim_ray`) with `args`, on a fresh local Ray.
 
     Without an address it would first try Ray's "auto", which attaches to ANY Ray running on the
     machine, even one another process started with ray.init().
     """
-    return [str(Path(sys.executable).with_name("padim-ray")), *map(str, args), "--address", "local"]
+    return [sys.executable, "-m", "padim_ray", *map(str, args), "--address", "local"]
 
 
-def component(kind: str, video: Path) -> list[str]:
-    """The command of one of this file's children (`decode`, `backbone`, `embedder`) on `video`."""
-    return [sys.executable, str(Path(__file__).resolve()), kind, str(video)]
+def component(kind: str, videos: list[Path]) -> list[str]:
+    """The command of one of this file's children (`decode`, `backbone`, `embedder`) on `videos`."""
+    return [sys.executable, str(Path(__file__).resolve()), kind, *map(str, videos)]
 
 
 # --- rates and reports -----------------------------------------------------------------------------
@@ -316,22 +339,22 @@ def measure_rows(commands: dict, videos: dict[int, Path], repeat: int) -> list[R
 def component_rows(*kinds: str) -> dict:
     """Rows of this file's children: "decode", "backbone" (the bare yardstick, BARE) or "embedder"."""
     names = {"decode": "decode-only", "backbone": BARE, "embedder": "padim-ray embedder alone"}
-    return {names[kind]: lambda video, scratch, kind=kind: component(kind, video) for kind in kinds}
+    return {names[kind]: lambda videos, scratch, kind=kind: component(kind, videos) for kind in kinds}
 
 
 def against_bare(doc: str, name: str, command, prepare=None, variants: dict | None = None) -> None:
-    """A benchmark's main: decode-only, the bare backbone, the embedder and `command(video, tmp, scratch)`,
-    each at both counts (see measure_rows).
+    """A benchmark's main: decode-only, the bare backbone, the embedder and `command(videos, tmp, scratch)`,
+    each at both counts (see measure_rows; `videos` are the --clips inputs of one count).
 
     `prepare(videos, tmp)` runs first, untimed (e.g. the fit a scoring benchmark needs); `variants`
     (row name -> command like `command`) are measured in the same rounds.
     """
     args = parse_args(doc, name)
-    videos = footage(args.frames, args.source, args.cache)
+    videos = clips(args.frames, args.source, args.cache, args.clips)
     with workdir() as tmp:
         if prepare:
             prepare(videos, tmp)
-        ours = {row: lambda video, scratch, run=run: run(video, tmp, scratch) for row, run in {f"padim-ray {name}": command, **(variants or {})}.items()}
+        ours = {row: lambda inputs, scratch, run=run: run(inputs, tmp, scratch) for row, run in {f"padim-ray {name}": command, **(variants or {})}.items()}
         rows = measure_rows({**component_rows("decode", "backbone", "embedder"), **ours}, videos, args.repeat)
     report(name, rows, next(row for row in rows if row.name == BARE), args.json)
 
@@ -379,7 +402,7 @@ def _version(package: str) -> str | None:
 # --- children --------------------------------------------------------------------------------------
 
 
-def decode_only(video: Path) -> dict:
+def decode_only(videos: list[Path]) -> dict:
     """The package's decode path (work units -> Ray Data blocks of resized uint8 frames) on a local Ray."""
     import ray
 
@@ -387,47 +410,52 @@ def decode_only(video: Path) -> dict:
     from padim_ray.video import frames_dataset, make_units
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    units, _ = make_units([video])
+    units, _ = make_units(videos)
     started = time.perf_counter()
     dataset = frames_dataset(units, IMAGE_SIZE, 1, ClusterConfig().decode_batch)
     rows = sum(len(block["frame"]) for block in dataset.iter_batches(batch_size=None))
     return {"frames": rows, "seconds": time.perf_counter() - started}
 
 
-def bare_backbone(video: Path) -> dict:
-    """torchvision's ResNet18 up to layer3 as shipped (random init, eval, NCHW float32; bf16 autocast on
-    CUDA) on frames already decoded, resized and normalised, batch 32, every core or the GPU; the
-    physical limit any PaDiM-R18 on this machine is measured against. Warm-up excluded."""
+def bare_backbone(videos: list[Path]) -> dict:
+    """torchvision's ResNet18 up to layer3 as shipped (random init, eval, NCHW float32 with torch's
+    defaults: on CUDA, cuDNN may use TF32) on frames already decoded, resized and normalised, batch
+    32, every core or the GPU; the physical limit any PaDiM-R18 on this machine is measured against.
+    Warm-up excluded."""
     import torch
     from torchvision.models import resnet18
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    device, frames = _prepare_torch(video)
+    device, frames = _prepare_torch(videos)
     backbone = create_feature_extractor(resnet18().eval(), return_nodes=["layer1", "layer2", "layer3"]).to(device)
     batches = [
         ((torch.from_numpy(frames[i : i + BATCH]).permute(0, 3, 1, 2).float() / 255 - 0.45) / 0.225).contiguous()
         for i in range(0, len(frames), BATCH)
     ]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode():
         return _timed_batches(lambda batch: backbone(batch.to(device, non_blocking=True)), batches, device)
 
 
-def embedder_only(video: Path) -> dict:
+def embedder_only(videos: list[Path]) -> dict:
     """padim_ray's Embedder (batch norms folded, channels_last, positions-major output) on the same
     decoded, resized uint8 frames, batch 32, every core or the GPU."""
     from padim_ray.config import ModelConfig
     from padim_ray.embedding import Embedder
 
-    device, frames = _prepare_torch(video)
+    device, frames = _prepare_torch(videos)
     embedder = Embedder(ModelConfig(weights="none"), device)
     return _timed_batches(embedder, [frames[i : i + BATCH] for i in range(0, len(frames), BATCH)], device)
 
 
-def _prepare_torch(video: Path):
+def _prepare_torch(videos: list[Path]):
+    """The device, and every frame of `videos` decoded and resized by the package's decode path (PyAV)."""
     import torch
 
+    from padim_ray.video import WorkUnit, iter_unit_frames
+
     torch.set_num_threads(os.cpu_count())
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu"), decode_resized(video)
+    frames = np.stack([frame for video in videos for _, frame in iter_unit_frames(WorkUnit(0, str(video)), size=IMAGE_SIZE)])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu"), frames
 
 
 def _timed_batches(step, batches: list, device) -> dict:
@@ -445,5 +473,5 @@ def _timed_batches(step, batches: list, device) -> dict:
 
 
 if __name__ == "__main__":
-    kind, video = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps({"decode": decode_only, "backbone": bare_backbone, "embedder": embedder_only}[kind](video)))
+    kind, videos = sys.argv[1], [Path(p) for p in sys.argv[2:]]
+    print(json.dumps({"decode": decode_only, "backbone": bare_backbone, "embedder": embedder_only}[kind](videos)))

@@ -1,11 +1,12 @@
 """Where a stats actor's time goes, per batch: the embedding (backbone + stage placement) and the
 float64 statistics update, on every device this machine has (CPU with all cores; CUDA if present).
 
-    python scripts/profile_actor.py [--backbone resnet18] [--batch-size 32] [--batches 5]
-                                    [--update-mib 16 ...] [--json PATH]
+    python scripts/profile_actor.py [--backbone resnet18] [--batch-size 32 ...] [--dtype float32 ...]
+                                    [--update-mib 16 ...] [--device all|cpu|cuda] [--batches 5] [--json PATH]
 
-With several --update-mib values, the update is timed with each (the float64 working memory of one
-slice of positions, config.UPDATE_BYTES) and the embedding once.
+One row per device, batch size, backbone dtype and update size: the embedding is timed once per
+device, batch size and dtype, the update with each --update-mib (the float64 working memory of one
+slice of positions, config.UPDATE_BYTES). Rows are printed and written to --json as they come.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from padim_ray.config import UPDATE_BYTES, ModelConfig
+from padim_ray.config import BACKBONE_DTYPES, UPDATE_BYTES, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.gaussian import StatsAccumulator
 
@@ -39,50 +41,60 @@ def timed(step, device: torch.device, repeats: int) -> float:
     return float(np.median(times))
 
 
-def profile(model: ModelConfig, device: torch.device, batch_size: int, repeats: int, update_mibs: list[float]) -> list[dict]:
+def profile(model: ModelConfig, device: torch.device, batch_size: int, repeats: int, update_mibs: list[float]) -> Iterator[dict]:
     """One row per update size: milliseconds per batch of the embedding and of the float64 update."""
     embedder = Embedder(model, device)
     frames = np.random.default_rng(0).integers(0, 256, (batch_size, model.image_size, model.image_size, 3), dtype=np.uint8)
     embeddings = embedder(frames)
     embed_ms = timed(lambda: embedder(frames), device, repeats)
-    rows = []
     for mib in update_mibs:
         accumulator = StatsAccumulator(embedder.positions, embedder.dims, device, update_bytes=int(mib * 2**20))
         update_ms = timed(lambda: accumulator.update(embeddings), device, repeats)
-        rows.append({
+        del accumulator  # WR50-Rd550's is 10 GB
+        yield {
             "device": str(device),
+            "backbone_dtype": model.backbone_dtype,
+            "batch_size": batch_size,
             "update_mib": mib,
             "embed_ms": embed_ms,
             "update_ms": update_ms,
             "update_share": update_ms / (embed_ms + update_ms),
             "frames_per_s": batch_size * 1000 / (embed_ms + update_ms),
-        })
-    return rows
+        }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=BACKBONE_DTYPES, help="backbone arithmetic")
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     parser.add_argument("--batches", type=int, default=5, help="timed repeats of each step")
     parser.add_argument("--update-mib", type=float, nargs="+", default=[UPDATE_BYTES / 2**20], help="float64 MiB per update slice")
     parser.add_argument("--json", type=Path, default=Path("runs/profile_actor.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     weights = "imagenet" if args.backbone == "efficientnet_lite0" else "none"  # offline: random init
-    model = ModelConfig(backbone=args.backbone, weights=weights)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    rows = [row for device in devices for row in profile(model, device, args.batch_size, args.batches, args.update_mib)]
-    print(f"{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} CPU threads")
-    print("| device | update slice MiB | embed ms | float64 update ms | update share | frames/s |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['device']} | {row['update_mib']:g} | {row['embed_ms']:.1f} | {row['update_ms']:.1f} | "
-            f"{row['update_share']:.1%} | {row['frames_per_s']:.1f} |"
-        )
+    devices = [d for d in devices if args.device in ("all", d.type)]
+    if not devices:
+        raise SystemExit(f"no {args.device} device here")
+    print(f"{args.backbone}, {torch.get_num_threads()} CPU threads", flush=True)
+    print("| device | dtype | batch | update slice MiB | embed ms | float64 update ms | update share | frames/s |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"backbone": args.backbone, "batch_size": args.batch_size, "rows": rows}, indent=2))
+    rows = []
+    for device in devices:
+        for dtype in args.dtype:
+            model = ModelConfig(backbone=args.backbone, weights=weights, backbone_dtype=dtype)
+            for batch_size in args.batch_size:
+                for row in profile(model, device, batch_size, args.batches, args.update_mib):
+                    rows.append(row)
+                    print(
+                        f"| {row['device']} | {dtype} | {batch_size} | {row['update_mib']:g} | {row['embed_ms']:.1f} | "
+                        f"{row['update_ms']:.1f} | {row['update_share']:.1%} | {row['frames_per_s']:.1f} |", flush=True,
+                    )
+                    args.json.write_text(json.dumps({"backbone": args.backbone, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
