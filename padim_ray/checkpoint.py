@@ -22,7 +22,7 @@ import ray
 from padim_ray.accounting import Accounting
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import StatsAccumulator
-from padim_ray.storage import Location, StorageError
+from padim_ray.storage import Location, StorageError, make_parent_folders
 
 IDENTITY_FILE = "fit.json"
 OWN_FILES = (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp")
@@ -45,8 +45,10 @@ class Checkpoints:
 
     @classmethod
     def open(cls, path: Location | str | os.PathLike, identity: dict) -> Checkpoints:
-        """Create `path` for a fit of `identity`, or reopen it if an earlier run of the same fit made it."""
+        """Create `path` for a fit of `identity` (with missing folders above it), or reopen it if an
+        earlier run of the same fit made it."""
         path = Location(path)
+        make_parent_folders(path, "--checkpoint-dir")
         identity = json.loads(json.dumps(identity))  # as it reads back from disk (tuples become lists)
         file = path / IDENTITY_FILE
         if file.is_file():

@@ -139,7 +139,6 @@ def fit(
                 raise PadimError("fit stc takes --scene (e.g. --scene 01, 01,04 or all) and no PATHS")
             if out is None:
                 out = os.path.join("models", f"stc_{{scene}}_{backbone.value}")
-                os.makedirs("models", exist_ok=True)
             if scene == "all" or "," in scene:
                 scenes = select_scenes(scene, training_scenes(root) if scene.strip() == "all" else [])
                 return _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs)

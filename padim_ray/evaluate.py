@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from padim_ray.errors import PadimError
 from padim_ray.metrics import PixelHistograms, frame_auroc
 from padim_ray.stc import load_masks, mask_paths, test_clips
-from padim_ray.storage import Location, is_committed
+from padim_ray.storage import Location, is_committed, make_parent_folders
 from padim_ray.store import open_maps, read_scores
 
 log = logging.getLogger(__name__)
@@ -147,15 +146,18 @@ def evaluate_stc(
         scenes = [s for s in scenes if is_committed(scene_path(model, s))]
         if not scenes:
             raise PadimError(f"no model matches {model} for any test scene of {root}; fit one with `padim-ray fit stc`")
-    for s in scenes:  # every clip's masks, before any scoring
+    maps_paths = {s: Location(scene_path(maps, s)) if maps else out / f"maps_{s}" for s in scenes}
+    for s in scenes:  # every clip's masks, then every output folder, before any scoring
         for clip in test_clips(root, s):
             mask_paths(root, clip.name)
+    make_parent_folders(out / "metrics.json")
+    if model is not None:
+        for s in scenes:
+            make_parent_folders(maps_paths[s], "--maps" if maps else "--out")
     reports = []
     for s in scenes:
-        maps_path = Location(scene_path(maps, s)) if maps else out / f"maps_{s}"
+        maps_path = maps_paths[s]
         if model is not None:
-            if not maps_path.is_remote:
-                os.makedirs(maps_path.parent.path, exist_ok=True)
             score_inputs(scene_path(model, s), test_clips(root, s), maps_path, **(score_kwargs or {}))
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")

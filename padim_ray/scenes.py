@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from padim_ray.config import SCENES_IN_FLIGHT, ClusterConfig, ModelConfig
-from padim_ray.errors import PadimError, first_line
+from padim_ray.checkpoint import default_checkpoint_dir
+from padim_ray.embedding import Embedder
+from padim_ray.errors import PadimError
 from padim_ray.fit import FitResult, SharedJob, fit_model
 from padim_ray.runtime import connect
 from padim_ray.stc import scene_path, scene_videos
-from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committed
+from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committed, make_parent_folders
 from padim_ray.store import open_model
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ class SceneFit:
 
 
 def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, overwrite: bool, model: ModelConfig) -> list[SceneFit]:
-    """Every scene's videos and output, checked before any work: layout, distinct outputs, no clobbering.
+    """Every scene's videos and output, checked before any work: layout, backbone and weights, distinct
+    outputs, no clobbering, output and checkpoint folders (missing ones created).
 
     A scene whose model a run of the same job (same settings, same videos) has published is kept,
     so rerunning an interrupted job resumes it; `overwrite` refits it instead.
@@ -68,6 +71,10 @@ def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, o
     for fit in fits:
         if not overwrite:
             _keep_or_refuse(fit, model)
+    Embedder(model)  # backbone, dims and weights, as fit_model checks them
+    for fit in fits:  # last: folders are made once the checks above have passed
+        make_parent_folders(fit.out)
+        make_parent_folders(fit.checkpoint_dir or default_checkpoint_dir(fit.out), "--checkpoint-dir")
     return fits
 
 
@@ -104,6 +111,8 @@ def fit_scenes(
     naming the failed scene and the fitted ones; rerunning the job keeps those (see plan_scenes).
     """
     todo = [fit for fit in fits if not fit.kept]
+    if not todo:
+        return fits  # every model was published by an earlier run: no cluster needed
     connect(address)
     shared = SharedJob(tqdm(total=0, unit="frame", desc=f"fit {len(fits)} scenes", file=sys.stderr, mininterval=2))
     try:
@@ -121,7 +130,7 @@ def fit_scenes(
             log.error("scene %s failed; fitted: %s; rerun the same command to fit the rest", failed[0].scene, ", ".join(done) or "none")
             raise error
         raise ScenesError(
-            f"scene {failed[0].scene}: {first_line(error)} (fitted: {', '.join(done) or 'none'}; "
+            f"scene {failed[0].scene}: {str(error).splitlines()[0]} (fitted: {', '.join(done) or 'none'}; "
             "rerun the same command to fit the rest: fitted scenes are kept)"
         ) from error
     return fits

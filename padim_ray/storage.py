@@ -12,6 +12,7 @@ last (`begin_store` / `commit_store`): readers see either no group or a complete
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
 import shutil
@@ -25,6 +26,8 @@ import fsspec
 import zarr
 
 from padim_ray.errors import PadimError, first_line
+
+log = logging.getLogger(__name__)
 
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "file": "file"}  # accepted URI schemes -> fsspec protocol
 ROOT_METADATA = "zarr.json"
@@ -356,9 +359,8 @@ def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> 
 def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
     if target.exists() and not overwrite:
         raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+    make_parent_folders(target)
     parent = target.parent
-    if not parent.is_dir():
-        raise StorageError(f"output folder {parent} does not exist; create it or choose another --out")
     remove_staging_leftovers(parent, target.name)
     staging = parent / f".{target.name}.partial-{token[:8]}"
     try:
@@ -366,6 +368,39 @@ def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
     except OSError as err:
         raise StorageError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
     return staging
+
+
+def make_parent_folders(target: Location | str | os.PathLike, option: str = "--out") -> None:
+    """Create the missing folders above a local `target` (as `mkdir -p` does), logging the one made,
+    and refuse a parent that cannot be a writable folder: called before any cluster work.
+
+    Object storage has no folders: nothing to create or check there (the bucket is checked on first write).
+    """
+    target = Location(target)
+    if target.is_remote:
+        return
+    parent = target.parent.path
+    existed = os.path.isdir(parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in _ancestors(parent) if os.path.exists(p) and not os.path.isdir(p))
+        where = "is a file" if blocker == parent else f"cannot be created: {blocker} is a file"
+        raise StorageError(f"output folder {parent} {where}; choose another {option}") from None
+    except OSError as err:
+        raise StorageError(f"output folder {parent} cannot be created ({err.strerror}); choose another {option}") from None
+    if not existed:
+        log.info("created folder %s for %s", parent, option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StorageError(f"output folder {parent} is not writable; choose another {option}")
+
+
+def _ancestors(path: str) -> list[str]:
+    """`path` and the folders above it, outermost first."""
+    chain = [path]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain[::-1]
 
 
 def remove_staging_leftovers(parent: Location, name: str) -> None:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from padim_ray.storage import Location  # noqa: E402
+from padim_ray.storage import Location, make_parent_folders  # noqa: E402
 
 
 def _save(fig, path: Location, **options) -> Location:
@@ -138,6 +138,7 @@ def render_input(maps_path: str | Path | Location, input_path: str | Path | Loca
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
     frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
     out = Location(out)
+    make_parent_folders(out)
     if not out.is_remote:
         render_video(frames, group[name], scores, Path(out), fps)
         return out

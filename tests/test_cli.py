@@ -37,14 +37,6 @@ def assert_clean_failure(result, *fragments: str, out: Path | None = None) -> No
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def test_fit_stc_writes_a_model(ray_local, stc_root, tmp_path):
-    out = tmp_path / "model"
-    result = run("fit", "stc", "--scene", "01", "--root", stc_root, "--out", out, *SMALL_FIT)
-    assert result.exit_code == 0, result.output
-    assert f"model: {out} (60 frames" in result.stdout
-    assert open_model(out).attrs["frames"] == 60
-
-
 def test_missing_root(tmp_path):
     root, out = tmp_path / "nowhere", tmp_path / "model"
     assert_clean_failure(run("fit", "stc", "--scene", "01", "--root", root, "--out", out), str(root), "--root", out=out)
@@ -95,6 +87,29 @@ def test_output_not_writable(stc_root, readonly_dir):
     out = readonly_dir / "model"
     result = run("fit", "stc", "--scene", "01", "--root", stc_root, "--out", out, *SMALL_FIT)
     assert_clean_failure(result, f"output folder {readonly_dir} is not writable", out=out)
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Connecting to Ray fails the test: what is checked before any cluster work is refused without it."""
+
+    def connect(address=None):
+        raise AssertionError("connected to Ray before refusing the command")
+
+    for module in ("padim_ray.fit", "padim_ray.scenes"):
+        monkeypatch.setattr(f"{module}.connect", connect)
+
+
+@pytest.mark.parametrize("scene, option", [("01", "--out"), ("all", "--out"), ("01", "--checkpoint-dir"), ("all", "--checkpoint-dir")])
+def test_output_under_a_file_is_refused_before_ray_starts(stc_root, tmp_path, no_cluster, scene, option):
+    blocker = tmp_path / "models"
+    blocker.write_text("a file, not a folder")
+    target = blocker / "sub" / "stc_{scene}"
+    outputs = ["--out", target] if option == "--out" else ["--out", tmp_path / "stc_{scene}", "--checkpoint-dir", target]
+    result = run("fit", "stc", "--scene", scene, "--root", stc_root, *outputs, *SMALL_FIT)
+    message = f"output folder {blocker / 'sub'} cannot be created: {blocker} is a file; choose another {option}"
+    assert_clean_failure(result, message, out=tmp_path / "stc_01")
+    assert blocker.read_text() == "a file, not a folder"
 
 
 def test_existing_output_needs_overwrite(stc_root, tmp_path):

@@ -132,10 +132,10 @@ def test_checkpoints_on_the_bucket_save_claim_and_read_back(ray_s3, prefix):
 
 def test_a_killed_stats_actor_is_redone_from_its_checkpoint_on_the_bucket(ray_s3, prefix):
     from padim_ray.config import ClusterConfig
-    from test_recovery import CHECKPOINT_EACH_BATCH, EMBEDDINGS, run_fit
+    from test_recovery import CHECKPOINT_EACH_BATCH, EMBEDDINGS, ActorKiller, run_fit
 
     cluster = ClusterConfig(actors=2, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
-    accumulated, mean, m2 = run_fit(cluster, prefix / "checkpoints", kill=True)  # claims the file: copy + delete on S3
+    accumulated, mean, m2 = run_fit(cluster, prefix / "checkpoints", ActorKiller(prefix / "checkpoints"))  # claims the file: copy + delete on S3
     assert accumulated.lost_actors == 1
     x = EMBEDDINGS.reshape(len(EMBEDDINGS), EMBEDDINGS.shape[1], -1).transpose(2, 0, 1)  # (P, N, d) float64
     deviations = x - x.mean(axis=1, keepdims=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 import ray
@@ -18,7 +16,7 @@ from padim_ray.store import open_model
 from conftest import SMALL_MODEL, relative_error, start_local_ray
 from padim_ray.fit import actor_name
 from test_fit import _split_independent_case
-from test_recovery import CHECKPOINT_EACH_BATCH, run_fit
+from test_recovery import CHECKPOINT_EACH_BATCH, Disturbance, run_fit
 
 
 @pytest.fixture(scope="module")
@@ -46,35 +44,26 @@ def test_three_node_statistics_equal_single_actor(three_nodes, actors1):
     _split_independent_case(actors1, spread_actors())
 
 
-class NodeRemover(threading.Thread):
+class NodeRemover(Disturbance):
     """Removes the worker node of the first stats actor that checkpoints there (the actor, its decode
     tasks and the objects on that node are lost with it)."""
 
     def __init__(self, cluster, folder):
-        super().__init__(daemon=True)
-        self.cluster, self.folder, self.removed = cluster, folder, None
+        super().__init__(folder)
+        self.cluster = cluster
 
-    def run(self):
-        deadline = time.monotonic() + 120
-        while self.removed is None and time.monotonic() < deadline:
-            for file in self.folder.glob("actor-*.npz"):
-                [actor] = list_actors(filters=[("name", "=", actor_name(str(file)))])
-                node = next((n for n in self.cluster.worker_nodes if n.node_id == actor.node_id), None)
-                if node is not None:
-                    self.cluster.remove_node(node, allow_graceful=False)
-                    self.removed = node
-                    break
-            time.sleep(0.01)
+    def act(self, file) -> bool:
+        [actor] = list_actors(filters=[("name", "=", actor_name(file))])
+        node = next((n for n in self.cluster.worker_nodes if n.node_id == actor.node_id), None)
+        if node is not None:
+            self.cluster.remove_node(node, allow_graceful=False)
+        return node is not None
 
 
 def test_lost_node_is_redone_exactly(three_nodes, tmp_path):
     _, mean_ref, m2_ref = run_fit(ClusterConfig(actors=1, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH))
-    remover = NodeRemover(three_nodes, tmp_path / "checkpoints")
-    remover.start()
     cluster = ClusterConfig(actors=3, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
-    accumulated, mean, m2 = run_fit(cluster, tmp_path / "checkpoints")
-    remover.join()
-    assert remover.removed is not None
+    accumulated, mean, m2 = run_fit(cluster, tmp_path / "checkpoints", NodeRemover(three_nodes, tmp_path / "checkpoints"))
     assert accumulated.lost_actors == 1
     assert relative_error(mean, mean_ref) <= 1e-12
     assert relative_error(m2, m2_ref) <= 1e-12

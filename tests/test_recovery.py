@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,13 @@ from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
 from padim_ray.storage import Location
 from conftest import SMALL_MODEL, relative_error, start_local_ray
+from holding import RELEASE_ENV, held_identity_embedder
 from test_fit import DIMS, GRID, embeddings_dataset
 
-# the identity embedder of test_fit, slowed so that a fit lasts long enough to be interrupted
-slow_identity_embedder = lambda device: lambda frames: (time.sleep(0.03), torch.as_tensor(frames, device=device))[1]  # noqa: E731
+identity_embedder = lambda device: lambda frames: torch.as_tensor(frames, device=device)  # noqa: E731 (test_fit's)
 
 EMBEDDINGS = np.random.default_rng(11).normal(1e4, 1.0, size=(150, DIMS, *GRID))  # mean = 1e4 x std
+TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent
 SMALL_FIT_OPTIONS = ["--weights", "none", "--image-size", "64", "--dims", "16", "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "4"]
 SMALL_FIT_CLUSTER = ClusterConfig(actors=1, cpus_per_actor=0.5, batch_size=4)
@@ -37,34 +39,49 @@ RESUME_TOLERANCE = 1e-12
 CHECKPOINT_EACH_BATCH = dict(batch_size=5, fan_in=2, checkpoint_every=0.0, shard_bytes=7 * DIMS * DIMS * 8)
 
 
-class ActorKiller(threading.Thread):
-    """Kills the stats actor of the first checkpoint file that appears in `folder` (`ray.kill`),
-    a local folder or a bucket prefix."""
+class Disturbance(threading.Thread):
+    """Acts once on a fit whose stats actors are held after their first checkpoint (holding.py), on the
+    first checkpoint file in `folder` (a local folder or a bucket prefix) that `act` accepts, then
+    releases the actors. The fit cannot end before it has acted."""
 
     def __init__(self, folder):
         super().__init__(daemon=True)
-        self.checkpoints, self.killed = Checkpoints(Location(folder)), None
+        self.checkpoints, self.done = Checkpoints(Location(folder)), None
+        self.release = Path(tempfile.gettempdir()) / f"padim-release-{uuid.uuid4().hex[:12]}"  # run_fit removes it
+
+    def act(self, file: Location) -> bool:
+        raise NotImplementedError
 
     def run(self):
         deadline = time.monotonic() + 120
-        while self.killed is None and time.monotonic() < deadline:
-            for file in self.checkpoints.files():
-                ray.kill(ray.get_actor(actor_name(file)))
-                self.killed = file
-                break
-            time.sleep(0.01 if not self.checkpoints.path.is_remote else 0.05)
+        try:
+            while self.done is None and time.monotonic() < deadline:
+                self.done = next((file for file in self.checkpoints.files() if self.act(file)), None)
+                time.sleep(0.01 if not self.checkpoints.path.is_remote else 0.05)
+        finally:
+            self.release.touch()  # also when it never acted: the fit ends and the test fails on `done`
 
 
-def run_fit(cluster: ClusterConfig, checkpoint_dir=None, kill: bool = False):
+class ActorKiller(Disturbance):
+    """Kills the stats actor of the first checkpoint (`ray.kill`)."""
+
+    def act(self, file: Location) -> bool:
+        ray.kill(ray.get_actor(actor_name(file)))
+        return True
+
+
+def run_fit(cluster: ClusterConfig, checkpoint_dir=None, disturbance: Disturbance | None = None):
+    """accumulate() over EMBEDDINGS; with a `disturbance`, the actors are held until it has acted."""
     frames_for, units = embeddings_dataset(EMBEDDINGS)
     checkpoints = Checkpoints.open(checkpoint_dir, {"test": "recovery"}) if checkpoint_dir else None
-    killer = ActorKiller(checkpoint_dir) if kill else None
-    if killer:
-        killer.start()
-    accumulated = accumulate(frames_for, units, slow_identity_embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
-    if killer:
-        killer.join()
-        assert killer.killed is not None, "no actor was killed: the test did not test recovery"
+    embedder = held_identity_embedder(disturbance.release) if disturbance else identity_embedder
+    if disturbance:
+        disturbance.start()
+    accumulated = accumulate(frames_for, units, embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
+    if disturbance:
+        disturbance.join()
+        disturbance.release.unlink(missing_ok=True)
+        assert disturbance.done is not None, f"{type(disturbance).__name__} never acted: the test did not test recovery"
     assert accumulated.accounting.check(units) == accumulated.count == len(EMBEDDINGS)  # every frame once
     shards = ray.get(accumulated.roots)
     return accumulated, np.concatenate([s.mean.numpy() for s in shards]), np.concatenate([s.m2.numpy() for s in shards])
@@ -79,7 +96,7 @@ def undisturbed():
 @pytest.mark.parametrize("actors", [2, 1], ids=["a-survivor-redoes", "new-actors-redo"])
 def test_killed_stats_actor_is_redone_from_its_checkpoint(ray_local, undisturbed, tmp_path, actors):
     cluster = ClusterConfig(actors=actors, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
-    accumulated, mean, m2 = run_fit(cluster, tmp_path / "checkpoints", kill=True)
+    accumulated, mean, m2 = run_fit(cluster, tmp_path / "checkpoints", ActorKiller(tmp_path / "checkpoints"))
     assert accumulated.lost_actors == 1
     _, mean_ref, m2_ref = undisturbed
     assert relative_error(mean, mean_ref) <= 1e-12
@@ -89,13 +106,14 @@ def test_killed_stats_actor_is_redone_from_its_checkpoint(ray_local, undisturbed
 def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_path):
     cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, max_retries=0, **CHECKPOINT_EACH_BATCH)
     with pytest.raises(FitLostError, match=r"1 stats actors were lost, more than --max-retries 0 .*; \d+ of 15 work units are unfinished; .*rerun the same command to resume") as error:
-        run_fit(cluster, tmp_path / "checkpoints", kill=True)
+        run_fit(cluster, tmp_path / "checkpoints", ActorKiller(tmp_path / "checkpoints"))
     assert "\n" not in str(error.value)
     assert Checkpoints(Location(tmp_path / "checkpoints")).files()  # the lost actor's work is kept for a rerun
 
 
-def stop_after_a_new_checkpoint(command: list[str], env: dict, checkpoints: Path, stop: signal.Signals) -> subprocess.CompletedProcess:
-    """Run `command` and send it `stop` once a checkpoint file appears that was not there before."""
+def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signal.Signals) -> subprocess.CompletedProcess:
+    """Run `command` (tests/holding.py: its stats actors hold after their first checkpoint) and send it
+    `stop` once a checkpoint file appears that was not there before. The fit cannot end first."""
     before = set(checkpoints.glob("actor-*.npz"))
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
@@ -107,23 +125,24 @@ def stop_after_a_new_checkpoint(command: list[str], env: dict, checkpoints: Path
 
 
 def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
-    """`padim-ray fit` killed (SIGKILL), resumed and interrupted (SIGINT), resumed again: equals an uninterrupted fit."""
+    """`padim-ray fit` killed (SIGKILL), resumed and interrupted (SIGINT), each held mid-fit (tests/holding.py),
+    resumed again as is: equals an uninterrupted fit."""
     out = tmp_path / "model"
     ray_tmp = tempfile.mkdtemp(prefix="prr-")  # the CLI's own local Ray, apart from the session's
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    command = [
-        str(BIN / "padim-ray"), "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out),
-        *SMALL_FIT_OPTIONS, "--checkpoint-every", "0", "--address", "local",
+    arguments = [
+        "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT_OPTIONS, "--checkpoint-every", "0", "--address", "local",
     ]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    command, held = [str(BIN / "padim-ray"), *arguments], [sys.executable, str(TESTS / "holding.py"), *arguments]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released")}
     env.pop("RAY_ADDRESS", None)
     checkpoints = tmp_path / ".model.checkpoint"
 
-    killed = stop_after_a_new_checkpoint(command, env, checkpoints, signal.SIGKILL)
+    killed = stop_when_held(held, env, checkpoints, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]  # killed mid-fit, not finished
     assert not out.exists() and len(list(checkpoints.glob("actor-*.npz"))) == 1
 
-    interrupted = stop_after_a_new_checkpoint(command, env, checkpoints, signal.SIGINT)
+    interrupted = stop_when_held(held, env, checkpoints, signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stdout[-2000:]
     lines = interrupted.stdout.strip().splitlines()
     assert "resuming with" in interrupted.stdout and lines[-1] == "error: interrupted" and "Traceback" not in interrupted.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray.storage import WRITING_MARKER, Location, StorageError, begin_store, staged_store
+from padim_ray.storage import WRITING_MARKER, Location, StorageError, abort_store, begin_store, staged_store
 from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
 
 
@@ -85,8 +85,13 @@ def test_staging_checks_the_target(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
         begin_store(tmp_path / "taken", overwrite=False)
-    with pytest.raises(StorageError, match="does not exist"):
-        begin_store(tmp_path / "no" / "model", overwrite=False)
+    abort_store(begin_store(tmp_path / "no" / "such" / "model", overwrite=False))  # missing folders are made
+    assert (tmp_path / "no" / "such").is_dir() and not list((tmp_path / "no" / "such").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match=f"output folder {tmp_path / 'file'} is a file; choose another --out"):
+        begin_store(tmp_path / "file" / "model", overwrite=False)
+    with pytest.raises(StorageError, match=f"output folder {tmp_path / 'file' / 'sub'} cannot be created: {tmp_path / 'file'} is a file"):
+        begin_store(tmp_path / "file" / "sub" / "model", overwrite=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,74 @@
+"""Stats actors held after their first checkpoint until the test releases them.
+
+A test that kills an actor or stops the driver once a checkpoint appears must act before the fit
+ends; on a fast small fit the remaining batches, the model write and the checkpoints' removal took
+0.5 s after the first save. Held, an actor embeds one batch, saves its checkpoint, then waits before
+its second batch until a release file exists: the checkpoint is on disk and the fit cannot end
+until the test has acted and released it. Nothing here is a timing to win.
+
+Run as a script, this is `padim-ray` whose real embedder holds so (the file named by
+$PADIM_TEST_RELEASE), for tests that stop the command itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from ray import cloudpickle
+
+from padim_ray.embedding import Embedder
+
+RELEASE_ENV = "PADIM_TEST_RELEASE"
+HOLD_LIMIT = 300  # seconds: a test that never releases fails on its own assertions, it does not hang
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/: ship this code
+
+
+def hold(batches_done: int, release: str) -> None:
+    """Before an actor's second batch (its first checkpoint saved), wait until `release` exists."""
+    deadline = time.monotonic() + HOLD_LIMIT
+    while batches_done >= 1 and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def held_identity_embedder(release: Path):
+    """test_fit's identity embedder (frames are the embeddings), held after the first batch (see `hold`)."""
+    release = str(release)
+
+    def make(device):
+        import torch
+
+        batches = [0]
+
+        def embed(frames):
+            hold(batches[0], release)
+            batches[0] += 1
+            return torch.as_tensor(frames, device=device)
+
+        return embed
+
+    return make
+
+
+class HeldEmbedder(Embedder):
+    """The real embedder, held after its first batch until the file named by $PADIM_TEST_RELEASE exists."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches = 0
+
+    def forward(self, frames):
+        hold(self.batches, os.environ[RELEASE_ENV])
+        self.batches += 1
+        return super().forward(frames)
+
+
+if __name__ == "__main__":
+    import padim_ray.fit
+    from padim_ray.cli import app
+
+    padim_ray.fit.Embedder = HeldEmbedder
+    app()
