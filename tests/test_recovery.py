@@ -77,10 +77,13 @@ def run_fit(cluster: ClusterConfig, checkpoint_dir=None, disturbance: Disturbanc
     embedder = held_identity_embedder(disturbance.release) if disturbance else identity_embedder
     if disturbance:
         disturbance.start()
-    accumulated = accumulate(frames_for, units, embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
+    try:
+        accumulated = accumulate(frames_for, units, embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
+    finally:
+        if disturbance:
+            disturbance.join()
+            disturbance.release.unlink(missing_ok=True)
     if disturbance:
-        disturbance.join()
-        disturbance.release.unlink(missing_ok=True)
         assert disturbance.done is not None, f"{type(disturbance).__name__} never acted: the test did not test recovery"
     assert accumulated.accounting.check(units) == accumulated.count == len(EMBEDDINGS)  # every frame once
     shards = ray.get(accumulated.roots)
