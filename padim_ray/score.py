@@ -25,12 +25,13 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
-    MAPS_GROUP, MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_arrays, open_model, publish_maps,
+    MAPS_GROUP, MapChunkWriter, MapTarget, check_chunk_owners, create_map_arrays, open_model, publish_maps,
     trim_map_arrays, write_scores,
 )
 from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
+SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
 
 
 class Scorer:
@@ -40,8 +41,7 @@ class Scorer:
         store = open_model(model_path)
         config = ModelConfig(**store.attrs["config"])
         self.embedder = Embedder(config, device)
-        if self.embedder.channel_indices.tolist() != store.attrs["channel_indices"]:
-            raise StoreError(f"model {model_path}: its channel indices differ from seed {config.seed}'s; refit it with this version")
+        store.check_reproduced(self.embedder, SCORE_REFUSAL)
         device = self.embedder.device
         self.mean = torch.from_numpy(store.read("mean")).to(device, torch.float32)  # (P, d)
         self.precision = torch.from_numpy(store.read("precision")).to(device, torch.float32)  # (P, d, d)
@@ -140,6 +140,7 @@ def score_inputs(
     started = time.monotonic()
     out = Location(out)
     store = open_model(model)
+    store.check_reproduced(Embedder(ModelConfig(**store.attrs["config"])), SCORE_REFUSAL)  # before any cluster work
     size = parse_map_size(map_size, store.attrs["image_size"])
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)

@@ -78,3 +78,18 @@ def test_model_sized_float16_maps(ray_local, small_model, stc_root, tmp_path):
     result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
     stored = zarr.open_group(str(result.out / "maps.zarr"), mode="r")["01_0001"]
     assert stored.shape == (12, 64, 64) and stored.dtype == np.float16
+
+
+def test_score_refuses_a_model_whose_weights_it_cannot_reproduce(small_model, stc_root, tmp_path):
+    """Checked on the driver, before any cluster work, with the same check `update` makes."""
+    import shutil
+
+    from padim_ray.store import StoreError
+
+    model = tmp_path / "other_weights"
+    shutil.copytree(small_model, model)
+    zarr.open_group(str(model), mode="r+", zarr_format=3).attrs["weights_identity"] = "file:r18.pth:sha256=0123"
+    out = tmp_path / "maps"
+    with pytest.raises(StoreError, match=f"model {model} was fitted with other weights identity .* cannot be scored here"):
+        score_inputs(model, [stc_root / "testing" / "frames" / "01_0001"], out)
+    assert not out.exists()
