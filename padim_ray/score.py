@@ -14,9 +14,8 @@ import numpy as np
 import ray
 import torch
 
-from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
+from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
-from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
@@ -104,7 +103,9 @@ def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise PadimError(f"--map-size must be native, model or HxW like 480x856, got {text!r}") from None
+        height = width = 0
+    if not (1 <= height <= MAX_FRAME_SIDE and 1 <= width <= MAX_FRAME_SIDE):
+        raise ConfigError(f"--map-size must be native, model or HxW like 480x856 with sides from 1 to {MAX_FRAME_SIDE}, got {text!r}")
     return height, width
 
 

@@ -93,3 +93,13 @@ def test_score_refuses_a_model_whose_weights_it_cannot_reproduce(small_model, st
     with pytest.raises(StoreError, match=f"model {model} was fitted with other weights identity .* cannot be scored here"):
         score_inputs(model, [stc_root / "testing" / "frames" / "01_0001"], out)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["0x0", "-5x5", "100000x100000", "480x0", "480", "bigxsmall"])
+def test_absurd_map_sizes_are_refused_in_one_line(text):
+    from padim_ray.config import ConfigError
+    from padim_ray.score import parse_map_size
+
+    with pytest.raises(ConfigError, match=f"--map-size must be native, model or HxW like 480x856 with sides from 1 to 8192, got '{text}'"):
+        parse_map_size(text, 256)
+    assert parse_map_size("8192x1", 256) == (8192, 1) and parse_map_size("model", 64) == (64, 64) and parse_map_size("native", 64) is None
