@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from padim_ray.errors import PadimError
+from padim_ray.errors import PadimError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,53 @@ class BackboneSpec:
 
 
 def _torchvision_weights(enum_name: str) -> Callable[[], tuple[dict, str]]:
-    """The pretrained state dict of a torchvision weights enum, from the torch cache or downloaded."""
+    """The pretrained state dict of a torchvision weights enum, from the torch cache or downloaded.
+
+    The file is trusted only once its sha256 starts with the hash torchvision publishes in its name
+    (`resnet18-f37072fd.pth`), cached or not, and is read with `weights_only=True`: a file placed in
+    the cache is never unpickled as code.
+    """
 
     def load() -> tuple[dict, str]:
         import torchvision.models as tvm
 
         enum_cls, member = enum_name.split(".")
         weights = getattr(getattr(tvm, enum_cls), member)
-        expected = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        if not file.exists():
+            _download(weights.url, file, enum_name)
+        _verify_published_hash(file)
         try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as err:  # URLError, HTTPError, socket errors: all mean "not fetched"
-            raise WeightsError(
-                f"could not download {enum_name} from {weights.url} ({err.__class__.__name__}); "
-                f"put the file at {expected} or pass --weights PATH"
-            ) from None
-        return state, enum_name
+            return torch.load(file, map_location="cpu", weights_only=True), enum_name
+        except Exception as err:
+            raise WeightsError(f"cannot read weights file {file} ({first_line(err)}); delete it to download it again") from None
 
     return load
+
+
+def _download(url: str, file: Path, enum_name: str) -> None:
+    """Fetch `url` to `file`; torch.hub checks the hash in the name before the file appears."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(file), hash_prefix=_published_hash(file), progress=False)
+    except Exception as err:  # URLError, HTTPError, socket errors, a hash mismatch: all mean "not fetched"
+        raise WeightsError(
+            f"could not download {enum_name} from {url} ({first_line(err)}); put the file at {file} or pass --weights PATH"
+        ) from None
+
+
+def _published_hash(file: Path) -> str:
+    """The sha256 prefix in a torchvision weights file name (`resnet18-f37072fd.pth` -> f37072fd)."""
+    return torch.hub.HASH_REGEX.search(file.name).group(1)
+
+
+def _verify_published_hash(file: Path) -> None:
+    """Raise WeightsError unless the file's sha256 starts with the hash in its name."""
+    if not _sha256(file).startswith(_published_hash(file)):
+        raise WeightsError(
+            f"weights file {file} does not match the sha256 {_published_hash(file)} in its name; "
+            "delete it to download it again, or put torchvision's own file there"
+        )
 
 
 def _lite0_weights() -> tuple[dict, str]:

@@ -16,18 +16,30 @@ BATCH_SIZES = {"cpu": 16, "cuda": 32}  # frames per forward pass without --batch
 #   keeps 32, for larger kernels (not measured on a GPU)
 BACKBONE_DTYPES = ("float32", "bfloat16")  # ModelConfig.backbone_dtype
 SCENES_IN_FLIGHT = 2  # fit stc --scene all: one scene embedding, one preparing or writing its model
+# Upper bounds of options and inputs, checked before any cluster work: beyond them a run would only
+# exhaust memory somewhere deep in a worker
+MAX_IMAGE_SIZE = 1024  # --image-size: an actor's accumulator grows with (size / 4)^2 * dims^2 (R18-Rd100 at 1024: 5.2 GB)
+MAX_FRAME_STRIDE = 100_000  # --frame-stride: more than an hour of 25 fps video between two frames
+MAX_BATCH_SIZE = 256  # --batch-size: a ResNet's stem alone takes 4 MiB of activations per 256x256 frame
+MAX_FRAME_SIDE = 8192  # height or width of an input frame (its header) and of --map-size: 8192x8192 RGB is 192 MiB
+MAX_FPS = 240  # render --fps
 
 
 class ConfigError(PadimError):
     """An option out of its range."""
 
 
-def _require(config, rules: dict[str, tuple]) -> None:
-    """Raise ConfigError for the first field whose value fails its (test, wording) rule; None passes."""
+def require(values: dict, rules: dict[str, tuple]) -> None:
+    """Raise ConfigError for the first option whose value fails its (test, wording) rule; None passes."""
     for name, (test, wording) in rules.items():
-        value = getattr(config, name)
+        value = values[name]
         if value is not None and not test(value):
             raise ConfigError(f"--{name.replace('_', '-')} must be {wording}, got {value}")
+
+
+def between(low: float, high: float) -> tuple:
+    """The rule low <= value <= high."""
+    return (lambda v: low <= v <= high, f"at least {low:g} and at most {high:g}")
 
 
 @dataclass(frozen=True)
@@ -46,12 +58,14 @@ class ModelConfig:
     #   statistics of the two are never mixed in one model (a resume or an update keeps the stored one)
 
     def __post_init__(self):
-        _require(self, {
+        require(vars(self), {
             "dims": (lambda v: v >= 1, "at least 1 (or left out for the backbone's default)"),
-            "image_size": (lambda v: v >= 32 and v % 16 == 0, "a multiple of 16 of at least 32 (stage 3 has stride 16)"),
+            "image_size": (
+                lambda v: 32 <= v <= MAX_IMAGE_SIZE and v % 16 == 0, f"a multiple of 16 of at least 32 and at most {MAX_IMAGE_SIZE} (stage 3 has stride 16)",
+            ),
             "seed": (lambda v: v >= 0, "at least 0"),
             "eps": (lambda v: v > 0, "positive"),
-            "frame_stride": (lambda v: v >= 1, "at least 1"),
+            "frame_stride": between(1, MAX_FRAME_STRIDE),
             "backbone_dtype": (lambda v: v in BACKBONE_DTYPES, " or ".join(BACKBONE_DTYPES)),
         })
 
@@ -83,11 +97,11 @@ class ClusterConfig:
     gpu_wait: float = 900.0  # seconds to wait for the autoscaler to add GPU workers (clusters that start from zero)
 
     def __post_init__(self):
-        _require(self, {
+        require(vars(self), {
             "actors": (lambda v: v >= 1, "at least 1"),
             "gpus_per_actor": (lambda v: v >= 0, "at least 0"),
             "cpus_per_actor": (lambda v: v > 0, "positive"),
-            "batch_size": (lambda v: v >= 1, "at least 1"),
+            "batch_size": between(1, MAX_BATCH_SIZE),
             "fan_in": (lambda v: v >= 2, "at least 2"),
             "shard_bytes": (lambda v: v >= 1, "at least 1"),
             "decode_batch": (lambda v: v >= 1, "at least 1"),
@@ -111,7 +125,7 @@ class ScoreConfig:
     chunk_frames: int = 16  # frames per zarr chunk of a map sequence
 
     def __post_init__(self):
-        _require(self, {
+        require(vars(self), {
             "blur_sigma": (lambda v: v > 0, "positive"),
             "blur_at": (lambda v: v in ("model", "map"), "model or map"),
             "map_dtype": (lambda v: v in ("float16", "float32"), "float16 or float32"),

@@ -344,12 +344,7 @@ def update_model(
     store = open_model(model_path)
     model = ModelConfig(**store.attrs["config"])
     embedder = Embedder(model)
-    for key, ours in (("weights_identity", embedder.weights_identity), ("channel_indices", embedder.channel_indices.tolist())):
-        if store.attrs[key] != ours:
-            raise StoreError(
-                f"model {model_path} was fitted with other {key.replace('_', ' ')} than this padim-ray reproduces "
-                f"({str(store.attrs[key])[:60]}); it cannot be updated: fit a new model on all the footage"
-            )
+    store.check_reproduced(embedder, "it cannot be updated: fit a new model on all the footage")
     known = {_source_key(source) for source in store.attrs["sources"]}
     repeated = [str(path) for path in expand_inputs(list(inputs)) if _source_key({"path": path}) in known]
     if repeated and not force:

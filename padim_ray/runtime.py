@@ -161,8 +161,8 @@ def _whole_node_actors(cluster: ClusterConfig) -> list[ActorSpec]:
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 2]
     if not nodes:
         raise ClusterError(
-            "no node has the 2 CPUs a whole-node actor needs (one to embed, one to decode); "
-            "pass --actors and --cpus-per-actor to size actors yourself"
+            "no node has a GPU or the 2 CPUs a whole-node CPU actor needs (one to embed, one to decode); where the autoscaler "
+            "adds GPU workers from zero pass --actors N --gpus-per-actor 1, else --actors and --cpus-per-actor"
         )
     specs = []
     for node in nodes:

@@ -14,9 +14,8 @@ import numpy as np
 import ray
 import torch
 
-from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
+from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
-from padim_ray.errors import PadimError
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
@@ -25,12 +24,13 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
-    MAPS_GROUP, MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_arrays, open_model, publish_maps,
+    MAPS_GROUP, MapChunkWriter, MapTarget, check_chunk_owners, create_map_arrays, open_model, publish_maps,
     trim_map_arrays, write_scores,
 )
 from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
+SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
 
 
 class Scorer:
@@ -40,8 +40,7 @@ class Scorer:
         store = open_model(model_path)
         config = ModelConfig(**store.attrs["config"])
         self.embedder = Embedder(config, device)
-        if self.embedder.channel_indices.tolist() != store.attrs["channel_indices"]:
-            raise StoreError(f"model {model_path}: its channel indices differ from seed {config.seed}'s; refit it with this version")
+        store.check_reproduced(self.embedder, SCORE_REFUSAL)
         device = self.embedder.device
         self.mean = torch.from_numpy(store.read("mean")).to(device, torch.float32)  # (P, d)
         self.precision = torch.from_numpy(store.read("precision")).to(device, torch.float32)  # (P, d, d)
@@ -104,7 +103,9 @@ def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise PadimError(f"--map-size must be native, model or HxW like 480x856, got {text!r}") from None
+        height = width = 0
+    if not (1 <= height <= MAX_FRAME_SIDE and 1 <= width <= MAX_FRAME_SIDE):
+        raise ConfigError(f"--map-size must be native, model or HxW like 480x856 with sides from 1 to {MAX_FRAME_SIDE}, got {text!r}")
     return height, width
 
 
@@ -140,6 +141,7 @@ def score_inputs(
     started = time.monotonic()
     out = Location(out)
     store = open_model(model)
+    store.check_reproduced(Embedder(ModelConfig(**store.attrs["config"])), SCORE_REFUSAL)  # before any cluster work
     size = parse_map_size(map_size, store.attrs["image_size"])
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)

@@ -83,6 +83,16 @@ class ModelStore:
         with storage_errors(self.path):
             return self.group[name][start:stop]
 
+    def check_reproduced(self, embedder, refusal: str) -> None:
+        """Raise StoreError (ending with `refusal`) unless `embedder` has the weights and channel subset
+        this model was fitted with: statistics of other features would be silently wrong."""
+        for key, ours in (("weights_identity", embedder.weights_identity), ("channel_indices", embedder.channel_indices.tolist())):
+            if self.attrs[key] != ours:
+                raise StoreError(
+                    f"model {self.path} was fitted with other {key.replace('_', ' ')} than this padim-ray reproduces "
+                    f"({str(self.attrs[key])[:60]}); {refusal}"
+                )
+
 
 def open_model(path: Location | str | os.PathLike) -> ModelStore:
     """Open a model store (local path or URI), checking that it is one and that this version can read it."""

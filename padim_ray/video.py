@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from padim_ray.config import MAX_FRAME_SIDE
 from padim_ray.errors import PadimError, first_line
 from padim_ray.storage import Location
 
@@ -117,7 +118,9 @@ def index_video(path: Location | str | Path) -> tuple[int, int, int]:
                     decoded = decoded or bool(stream.decode(packet))
         except av.FFmpegError as err:
             raise _unopenable(path, err) from None
-        return frames, stream.codec_context.height, stream.codec_context.width
+        height, width = stream.codec_context.height, stream.codec_context.width
+        _check_frame_size(f"video {path}", height, width)
+        return frames, height, width
 
 
 @contextmanager
@@ -230,32 +233,47 @@ def read_frame(file: Location | str | Path, size: int | None = None, native: tup
     """
     from PIL import Image
 
-    try:
-        with _readable(file) as source, Image.open(source) as image:
-            if image.mode != "RGB":
-                raise VideoError(
-                    f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
-                    "convert the frames to RGB"
-                )
-            if native and (image.height, image.width) != tuple(native):
-                raise VideoError(
-                    f"frame {file} is {image.width}x{image.height}, the first frame of its folder is "
-                    f"{native[1]}x{native[0]}; all frames of an input must match"
-                )
-            return np.asarray(image.resize((size, size), Image.BILINEAR) if size else image)
-    except OSError as err:
-        raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None
+    with _image(file) as image:
+        if image.mode != "RGB":
+            raise VideoError(
+                f"frame {file} has {len(image.getbands())} channels ({image.mode}), models take 3 (RGB); "
+                "convert the frames to RGB"
+            )
+        if native and (image.height, image.width) != tuple(native):
+            raise VideoError(
+                f"frame {file} is {image.width}x{image.height}, the first frame of its folder is "
+                f"{native[1]}x{native[0]}; all frames of an input must match"
+            )
+        return np.asarray(image.resize((size, size), Image.BILINEAR) if size else image)
 
 
 def frame_size(file: Location | str | Path) -> tuple[int, int]:
     """(H, W) of an image file, from its header."""
+    with _image(file) as image:
+        return image.height, image.width
+
+
+@contextmanager
+def _image(file: Location | str | Path):
+    """An image file opened with Pillow: its header read and its size checked, its pixels not yet decoded."""
     from PIL import Image
 
     try:
         with _readable(file) as source, Image.open(source) as image:
-            return image.height, image.width
-    except OSError as err:
+            _check_frame_size(f"frame {file}", image.height, image.width)
+            yield image
+    except (OSError, Image.DecompressionBombError) as err:  # Pillow refuses > 179 Mpixels itself
         raise VideoError(f"cannot read frame {file} ({first_line(err)})") from None
+
+
+def _check_frame_size(what: str, height: int, width: int) -> None:
+    """A VideoError unless the declared frame size is at least 1x1 and at most MAX_FRAME_SIDE a side
+    (a header may declare a huge frame that decoding would then allocate: a decompression bomb)."""
+    if not (1 <= height <= MAX_FRAME_SIDE and 1 <= width <= MAX_FRAME_SIDE):
+        raise VideoError(
+            f"{what} declares {width}x{height} frames, beyond 1x1 to {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}; "
+            "resize it, or leave it out (--skip-bad-inputs)"
+        )
 
 
 def decode_units(

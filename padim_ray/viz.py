@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from padim_ray.config import MAX_FPS, between, require  # noqa: E402
 from padim_ray.storage import Location, make_parent_folders  # noqa: E402
 
 
@@ -128,6 +129,7 @@ def render_input(maps_path: str | Path | Location, input_path: str | Path | Loca
     from padim_ray.store import open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
 
+    require({"fps": fps}, {"fps": between(1, MAX_FPS)})
     group = open_maps(maps_path)
     source = Location(input_path)
     matches = [name for name, array in group.arrays() if Location(array.attrs.get("source", "/")) == source]

@@ -86,3 +86,17 @@ def test_failed_download_names_the_expected_file(tmp_path, monkeypatch):
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(WeightsError, match=f"put the file at {expected} or pass --weights PATH"):
         load_weights(get_backbone("resnet18"), "imagenet", seed=0)
+
+
+def test_tampered_imagenet_weights_are_refused_by_name(tmp_path, monkeypatch):
+    """A file of the right keys placed under the exact name torchvision expects, not its published hash."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    spec = get_backbone("resnet18")
+    placed = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    placed.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(spec.build().state_dict(), placed)  # loads strictly into ResNet18: only the hash tells it apart
+    with pytest.raises(WeightsError, match=f"weights file {placed} does not match the sha256 f37072fd in its name; delete it"):
+        load_weights(spec, "imagenet", seed=0)
+    assert placed.exists()  # the user's file is named, never deleted
+

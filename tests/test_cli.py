@@ -159,6 +159,9 @@ def test_skip_bad_inputs_fits_the_rest_and_says_what_was_left_out(ray_local, bro
     ("--fan-in", "1", "--fan-in must be at least 2"),
     ("--max-retries", "-1", "--max-retries must be at least 0"),
     ("--checkpoint-every", "-5", "--checkpoint-every must be at least 0 seconds"),
+    ("--image-size", "100000", "--image-size must be a multiple of 16 of at least 32 and at most 1024"),
+    ("--batch-size", "100000", "--batch-size must be at least 1 and at most 256"),
+    ("--frame-stride", "10000000", "--frame-stride must be at least 1 and at most 100000"),
 ])
 def test_numeric_options_are_checked_before_any_cluster_work(stc_root, tmp_path, option, value, message):
     out = tmp_path / "model"
@@ -177,3 +180,9 @@ def test_failures_inside_ray_end_in_one_line_with_the_traceback_in_a_file(ray_lo
     assert_clean_failure(result, "traceback in ", "--verbose shows it", out=out)
     log_file = result.stderr.strip().split("traceback in ")[1].split(";")[0]
     assert "Traceback" in Path(log_file).read_text()
+
+
+@pytest.mark.parametrize("fps", ["0", "-3", "100000"])
+def test_render_fps_is_bounded_before_anything_is_read(tmp_path, fps):
+    out = tmp_path / "video.mp4"
+    assert_clean_failure(run("render", tmp_path / "no-maps", tmp_path / "no-clip", "--out", out, "--fps", fps), "--fps must be at least 1 and at most 240", out=out)

@@ -26,7 +26,7 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 LAUNCHER = ["aws-gpu.yaml", "gcp-gpu.yaml"]
 KUBERAY = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"]
-FIT = "padim-ray fit stc --scene 01 --root {s}://my-bucket/shanghaitech --out {s}://my-bucket/models/stc_01"
+FIT = "padim-ray fit stc --scene 01 --root {s}://my-bucket/shanghaitech --out {s}://my-bucket/models/stc_01 --actors 4 --gpus-per-actor 1"
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
@@ -43,7 +43,12 @@ def test_launcher_config_passes_rays_schema_and_preparation(name):
     assert sorted(w["resources"]["GPU"] for w in workers) == [1, 4]
     assert all(w["min_workers"] == 0 and w["max_workers"] > 0 for w in workers)
     assert prepared["docker"]["image"] == RAY_IMAGE
-    assert f'"padim-ray=={VERSION}"' in prepared["setup_commands"][0]
+    # padim-ray from the user's checkout, mounted on every node: never a name asked of a package index
+    assert prepared["setup_commands"][0].startswith("pip install --no-cache-dir ~/padim-ray ")
+    assert not re.search(r"padim[-_]ray\s*(==|@)", text)
+    sources = {remote: local for remote, local in prepared["file_mounts"].items() if remote.startswith("~/padim-ray/")}
+    assert sorted(sources.values()) == ["./README.md", "./padim_ray", "./pyproject.toml"]
+    assert all((ROOT / local).exists() and remote == f"~/padim-ray/{local[2:]}" for remote, local in sources.items())
     assert f'"ray[data,default]=={ray.__version__}"' in prepared["setup_commands"][0]
     # token auth on every node, dashboard on the head's localhost only (reached through `ray dashboard`)
     assert "~/.ray/auth_token" in prepared["file_mounts"]

@@ -102,3 +102,42 @@ def test_a_resume_in_another_backbone_dtype_is_refused(tmp_path):
 def test_an_unknown_backbone_dtype_is_refused():
     with pytest.raises(ConfigError, match=r"--backbone-dtype must be float32 or bfloat16, got float16"):
         ModelConfig(backbone_dtype="float16")
+
+
+# the shipped cluster configs as the driver sees them: a head with no CPU, GPU workers from zero (fake GPUs)
+PLAN_ON_A_GPU_CLUSTER = """
+import json
+from ray.cluster_utils import Cluster
+from padim_ray.config import ClusterConfig
+from padim_ray.runtime import ClusterError, connect, plan_actors
+
+def plan(**options):
+    try:
+        return [(s.num_cpus, s.num_gpus, s.threads) for s in plan_actors(ClusterConfig(**options))]
+    except ClusterError as err:
+        return str(err)
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+connect(cluster.address)
+walkthrough = {"actors": 4, "gpus_per_actor": 1.0, "gpu_wait": 0.0}
+before = {"default": plan(), "walkthrough": plan(**walkthrough)}
+cluster.add_node(num_cpus=48, num_gpus=4)  # a gpu_4x worker
+cluster.wait_for_nodes()
+print(json.dumps({"before": before, "after": {"default": plan(), "walkthrough": plan(**walkthrough)}}))
+"""
+
+
+def test_a_cluster_that_grows_only_gpu_workers_is_planned_as_the_walkthrough_says():
+    """Before the autoscaler adds a GPU worker the driver sees no GPU and no CPU: the default plan names
+    --gpus-per-actor; cluster/README.md's options ask for the GPUs (and fail in one line without them)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="prc-")
+    run = subprocess.run([sys.executable, "-c", PLAN_ON_A_GPU_CLUSTER], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plans = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "pass --actors N --gpus-per-actor 1" in plans["before"]["default"]
+    assert plans["before"]["walkthrough"].startswith("4 actors x 1 GPUs need 4 GPUs, the cluster has 0 GPUs after waiting 0 s")
+    assert plans["after"]["walkthrough"] == plans["after"]["default"] == [[1.0, 1.0, 1]] * 4
+    readme = (Path(__file__).parent.parent / "cluster" / "README.md").read_text()
+    fits = [line for line in readme.split("## 3.")[1].split("## 4.")[0].splitlines() if "padim-ray fit" in line]
+    assert len(fits) == 2 and all("--actors 4 --gpus-per-actor 1" in line for line in fits)

@@ -78,3 +78,28 @@ def test_model_sized_float16_maps(ray_local, small_model, stc_root, tmp_path):
     result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
     stored = zarr.open_group(str(result.out / "maps.zarr"), mode="r")["01_0001"]
     assert stored.shape == (12, 64, 64) and stored.dtype == np.float16
+
+
+def test_score_refuses_a_model_whose_weights_it_cannot_reproduce(small_model, stc_root, tmp_path):
+    """Checked on the driver, before any cluster work, with the same check `update` makes."""
+    import shutil
+
+    from padim_ray.store import StoreError
+
+    model = tmp_path / "other_weights"
+    shutil.copytree(small_model, model)
+    zarr.open_group(str(model), mode="r+", zarr_format=3).attrs["weights_identity"] = "file:r18.pth:sha256=0123"
+    out = tmp_path / "maps"
+    with pytest.raises(StoreError, match=f"model {model} was fitted with other weights identity .* cannot be scored here"):
+        score_inputs(model, [stc_root / "testing" / "frames" / "01_0001"], out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["0x0", "-5x5", "100000x100000", "480x0", "480", "bigxsmall"])
+def test_absurd_map_sizes_are_refused_in_one_line(text):
+    from padim_ray.config import ConfigError
+    from padim_ray.score import parse_map_size
+
+    with pytest.raises(ConfigError, match=f"--map-size must be native, model or HxW like 480x856 with sides from 1 to 8192, got '{text}'"):
+        parse_map_size(text, 256)
+    assert parse_map_size("8192x1", 256) == (8192, 1) and parse_map_size("model", 64) == (64, 64) and parse_map_size("native", 64) is None

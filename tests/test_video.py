@@ -155,3 +155,41 @@ def test_frames_of_one_folder_must_share_a_size(tmp_path):
     units, _ = make_units([folder])
     with pytest.raises(VideoError, match=r"1.png is 30x24, the first frame of its folder is 30x20"):
         list(iter_unit_frames(units[0], size=16))
+
+
+def _png_declaring(path, width: int, height: int) -> None:
+    """A real 4x4 PNG whose header (IHDR, with a valid CRC) declares width x height: a decompression bomb's shape."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after the signature, length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("width, height, message", [
+    (9000, 9000, "declares 9000x9000 frames, beyond 1x1 to 8192x8192"),  # under Pillow's own limit: ours refuses it
+    (100_000, 100_000, "exceeds limit of 178956970 pixels"),  # Pillow's own DecompressionBombError, as one line
+])
+def test_an_oversized_frame_is_a_bad_input_named_by_file(tmp_path, width, height, message):
+    from PIL import Image
+
+    bomb, clip = tmp_path / "bomb", tmp_path / "clip"
+    for folder in (bomb, clip):
+        folder.mkdir()
+        Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(folder / "1.png")
+    _png_declaring(bomb / "0.png", width, height)  # the first frame: checked before any cluster work
+    _png_declaring(clip / "2.png", width, height)  # a later one: refused while decoding, before its pixels
+    with pytest.raises(VideoError, match=f"frame {bomb / '0.png'} .*{message}"):
+        make_units([bomb])
+    bad = []
+    units, _ = make_units([bomb, clip], bad=bad)  # --skip-bad-inputs
+    assert [path for path, _ in bad] == [str(bomb)] and {u.path for u in units} == {str(clip)}
+    with pytest.raises(VideoError, match=f"frame {clip / '2.png'} .*{message}"):
+        list(iter_unit_frames(units[0], size=16))
