@@ -56,7 +56,6 @@ BUNDLE = {  # missing from the image; versions as in the project's venv
     "numcodecs": "0.16.6",
     "donfig": "0.8.1.post1",
     "google-crc32c": "1.9.0",
-    "decord": "0.6.0",  # scripts/benchlib.py: the bare-backbone reference rows of bench_fit and bench_score
 }
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux2010_x86_64", "manylinux1_x86_64"]
@@ -159,8 +158,7 @@ def broken_elves(python: str, paths: list[Path]) -> set[Path]:
 def strip(site: Path, python: str) -> list[Path]:
     """Delete STRIPPED and __pycache__ from `site`, and the symbols of each ELF file checked to work after.
 
-    Only files that load (or run) on their own before are stripped (not jemalloc, which is preloaded, nor
-    decord's libraries, which only its own library finds), and kept stripped where they still do.
+    Only files that load (or run) on their own before are stripped (not jemalloc, which is preloaded), and kept stripped where they still do.
     Returns the ELF files left as they came."""
     for relative in STRIPPED:
         shutil.rmtree(site / relative, ignore_errors=True)

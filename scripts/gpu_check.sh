@@ -1,44 +1,114 @@
 #!/usr/bin/env bash
-# GPU check, one script for one GPU machine (under 10 minutes on one GPU with 16 cores):
-#   1. the CUDA path equals the CPU path (tests/test_gpu.py: embeddings, float64 statistics, fit, maps);
-#   2. where an actor's time goes on CPU and GPU (scripts/profile_actor.py);
-#   3. fit and score throughput on STC-sized synthetic 856x480 video (scripts/bench_fit.py and
-#      scripts/bench_score.py, marginal rates from two frame counts), with the projected time for all
-#      274,515 STC training frames.
-# Results go to $OUT (or runs/) as JSON and gpu_check.log.
-#     bash scripts/gpu_check.sh [FIT_N1 FIT_N2]      # default 4096 20480 frames
-set -euo pipefail
+# The GPU check: what the CUDA path computes and how fast, in steps that each report, on a GPU machine
+# that has torch but cannot install anything (no network; see docs/gpu-check.md).
+#
+#   bash scripts/gpu_check.sh --prepare     # here: build .gpu-bundle/, the packages that machine lacks (CPython 3.12)
+#   bash scripts/gpu_check.sh [STEPS]       # there: install the bundle into a temp folder, run STEPS (default: a b c d)
+#   bash scripts/gpu_check.sh --rehearse    # here: the same steps, small, on this CPU, from a bundle for this Python
+#                                           # (kept in build/gpu-rehearsal), with only the GPU image's packages and no network
+#
+# Steps, each under its own timeout, each run even if an earlier one failed, results under $OUT (or
+# runs/gpu_check) as they come, at most 8 files:
+#   a  CUDA vs CPU without Ray (scripts/check_cuda.py): embeddings, float64 statistics in slices, maps
+#   b  the stats actor's loop on the GPU, R18-Rd100 and WR50-Rd550, batch sizes, update slices, dtypes
+#   c  decoding frames/s in 1 and (cores - 1) processes on STC-sized video (scripts/bench_decode.py)
+#   d  with Ray: the pipeline on CUDA vs the CPU (tests/test_gpu.py), then fit and score of STC-sized
+#      footage in many clips (decoding on every core), marginal rates and the time for all 274,515 STC frames
+set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-runs}
+repo=$(pwd)
+out=${OUT:-$repo/runs/gpu_check}
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python=${GPU_CHECK_PYTHON:-python3}
+
+case "${1:-}" in
+  --prepare)
+    exec "$python" scripts/gpu_bundle.py prepare --python 3.12 --out .gpu-bundle ;;
+  --rehearse)
+    began=$(date +%s)
+    rehearsal=$repo/build/gpu-rehearsal  # its bundle is kept for the next rehearsal: delete it to build anew
+    venv=${GPU_CHECK_VENV:-$repo/.venv}  # the project's venv: the image's packages are linked out of it
+    version=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    rm -rf "$rehearsal/out" "$rehearsal/ray"
+    if [ ! -f "$rehearsal/bundle/bundle.json" ]; then
+      "$venv/bin/python" scripts/gpu_bundle.py prepare --python "$version" --out "$rehearsal/bundle" || exit 1
+    fi
+    "$venv/bin/python" scripts/gpu_bundle.py image-env "$rehearsal/image" --venv "$venv" || exit 1
+    # a new network namespace (no network but loopback), only the image's packages, small sizes: the CPU is slow
+    unshare -n bash -c 'ip link set lo up && . "$1/image/env.sh" &&
+      GPU_CHECK_SIZE=small GPU_CHECK_BUNDLE="$1/bundle" OUT="$1/out" RAY_TMPDIR="$1/ray" bash "$2"' - "$rehearsal" "$0"
+    status=$?
+    echo "rehearsal: exit $status after $(( $(date +%s) - began )) s; results in $rehearsal/out"
+    exit $status ;;
+esac
+
 exec > >(tee "$out/gpu_check.log") 2>&1
-n1=${1:-4096}
-n2=${2:-20480}
-if [ ! -x .venv/bin/padim-ray ]; then
-  python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'
+steps=${*:-a b c d}
+bundle=${GPU_CHECK_BUNDLE:-$repo/.gpu-bundle}
+site=$(mktemp -d /tmp/padim-site-XXXX)
+failed=()
+
+# run NAME LIMIT COMMAND...: one step under `timeout` (LIMIT seconds, times $slowness), its exit status
+# noted, never stopping the check
+run() {
+  local name=$1 limit=$(( $2 * slowness )) began=$(date +%s)
+  shift 2
+  echo "== $name (limit ${limit} s): $*"
+  timeout -k 10 "$limit" "$@"
+  local status=$?
+  echo "== $name: exit $status after $(( $(date +%s) - began )) s"
+  [ "$status" -eq 0 ] || failed+=("$name")
+}
+
+echo "== install the bundle from $bundle into $site (no network)"
+"$python" scripts/gpu_bundle.py install "$bundle" "$site" || { echo "bundle install failed"; exit 1; }
+. "$site/env.sh"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
+cpus=$(nproc)
+
+slowness=1
+if [ "${GPU_CHECK_SIZE:-full}" = small ]; then  # the rehearsal on a CPU machine: every step, small, on a slow CPU
+  slowness=5
+  device=cpu check=(--image-size 64 --frames 4) profile=(--batch-size 4 --batches 1 --update-mib 4 --image-size 64) wr50=(--batch-size 2)
+  decode=(--frames 32 128 --processes 1 "$cpus") clips=2 fit_frames=(32 64) score_frames=(16 32)
+else
+  device=cuda check=() profile=(--batch-size 32 64 128 --batches 5 --update-mib 16 64) wr50=(--batch-size 16 32)
+  decode=(--frames 256 1024 --processes 1 $((cpus - 1))) clips=$((cpus - 1)) fit_frames=($((256 * clips)) $((1024 * clips)))
+  score_frames=($((128 * clips)) $((512 * clips)))
 fi
-. .venv/bin/activate
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-echo "== 1. CUDA path vs CPU path"
-python -m pytest -q -p no:cacheprovider tests/test_gpu.py
-
-echo "== 2. actor profile (R18-Rd100, batch 32)"
-python scripts/profile_actor.py --json "$out/profile_actor.json"
-python scripts/profile_actor.py --backbone wide_resnet50_2 --json "$out/profile_actor_wr50.json"
-
-echo "== 3. fit and score throughput, 856x480 synthetic footage"
-python scripts/bench_fit.py --source synthetic --frames "$n1" "$n2" --repeat 1 --json "$out/bench_fit_gpu.json"
-python scripts/bench_score.py --source synthetic --frames $((n1 / 4)) $((n2 / 4)) --repeat 1 --json "$out/bench_score_gpu.json"
-python - "$out" <<'EOF'
+for step in $steps; do
+  case $step in
+    a) run a 120 "$python" scripts/check_cuda.py --device "$device" "${check[@]}" --json "$out/check_cuda.json" ;;
+    b) run b-r18 120 "$python" scripts/profile_actor.py --device "$device" --dtype float32 bfloat16 "${profile[@]}" \
+         --json "$out/profile_r18.json"
+       run b-wr50 150 "$python" scripts/profile_actor.py --backbone wide_resnet50_2 --device "$device" --dtype float32 bfloat16 \
+         "${profile[@]}" "${wr50[@]}" --json "$out/profile_wr50.json" ;;
+    c) run c 120 "$python" scripts/bench_decode.py --source synthetic "${decode[@]}" --repeat 1 --json "$out/bench_decode.json" ;;
+    d) run d-pipeline 180 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+       run d-fit 240 "$python" scripts/bench_fit.py --source synthetic --clips "$clips" --frames "${fit_frames[@]}" --repeat 1 \
+         --json "$out/bench_fit.json"
+       run d-score 180 "$python" scripts/bench_score.py --source synthetic --clips "$clips" --frames "${score_frames[@]}" --repeat 1 \
+         --json "$out/bench_score.json"
+       "$python" - "$out" <<'EOF'
 import json, sys
+from pathlib import Path
 STC_FRAMES = 274_515
 for name in ("fit", "score"):
-    rows = json.load(open(f"{sys.argv[1]}/bench_{name}_gpu.json"))["rows"]
+    path = Path(sys.argv[1]) / f"bench_{name}.json"
+    if not path.exists():
+        continue
+    rows = json.loads(path.read_text())["rows"]
     ours = next(row for row in rows if row["name"] == f"padim-ray {name}")  # the command as shipped, not a variant
-    rate = ours["marginal_fps"]
-    if rate:
-        print(f"{name}: {rate:.0f} frames/s marginal, {ours['ratio_to_bare']:.2f}x bare; all of STC "
-              f"({STC_FRAMES} frames) in {STC_FRAMES / rate / 60:.1f} min + {ours['fixed_seconds']:.0f} s fixed")
+    if ours["marginal_fps"]:
+        print(f"{name}: {ours['marginal_fps']:.0f} frames/s marginal, {ours['ratio_to_bare']:.2f}x bare; all of STC "
+              f"({STC_FRAMES} frames) in {STC_FRAMES / ours['marginal_fps'] / 60:.1f} min + {ours['fixed_seconds']:.0f} s fixed")
 EOF
+       ;;
+    *) echo "unknown step $step (a, b, c or d)"; failed+=("$step") ;;
+  esac
+done
+rm -rf "$site"
+echo "== gpu check done; failed steps: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]

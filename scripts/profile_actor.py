@@ -2,7 +2,8 @@
 float64 statistics update, on every device this machine has (CPU with all cores; CUDA if present).
 
     python scripts/profile_actor.py [--backbone resnet18] [--batch-size 32 ...] [--dtype float32 ...]
-                                    [--update-mib 16 ...] [--device all|cpu|cuda] [--batches 5] [--json PATH]
+                                    [--update-mib 16 ...] [--device all|cpu|cuda] [--image-size 256] [--batches 5]
+                                    [--json PATH]
 
 One row per device, batch size, backbone dtype and update size: the embedding is timed once per
 device, batch size and dtype, the update with each --update-mib (the float64 working memory of one
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=BACKBONE_DTYPES, help="backbone arithmetic")
     parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    parser.add_argument("--image-size", type=int, default=ModelConfig.image_size, help="frames' side (positions = (side / 4)^2)")
     parser.add_argument("--batches", type=int, default=5, help="timed repeats of each step")
     parser.add_argument("--update-mib", type=float, nargs="+", default=[UPDATE_BYTES / 2**20], help="float64 MiB per update slice")
     parser.add_argument("--json", type=Path, default=Path("runs/profile_actor.json"))
@@ -86,7 +88,7 @@ def main() -> None:
     rows = []
     for device in devices:
         for dtype in args.dtype:
-            model = ModelConfig(backbone=args.backbone, weights=weights, backbone_dtype=dtype)
+            model = ModelConfig(backbone=args.backbone, weights=weights, backbone_dtype=dtype, image_size=args.image_size)
             for batch_size in args.batch_size:
                 for row in profile(model, device, batch_size, args.batches, args.update_mib):
                     rows.append(row)
