@@ -25,7 +25,7 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
-    MAPS_GROUP, MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_arrays, open_model, publish_maps,
+    MAP_STORE, MapChunkWriter, MapTarget, StoreError, check_chunk_owners, create_map_arrays, open_model, publish_maps,
     trim_map_arrays, write_scores,
 )
 from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
@@ -144,7 +144,7 @@ def score_inputs(
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
-    with staged_store(out, overwrite, group=MAPS_GROUP) as pending, user_errors():
+    with staged_store(out, overwrite, MAP_STORE) as pending, user_errors():
         create_map_arrays(pending, score.map_dtype, chunk, _map_arrays(units, targets))
         connect(address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames

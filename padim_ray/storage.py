@@ -12,6 +12,7 @@ last (`begin_store` / `commit_store`): readers see either no group or a complete
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import posixpath
@@ -291,6 +292,19 @@ class Location:
 
 
 @dataclass(frozen=True)
+class StoreKind:
+    """What a padim-ray store of one kind looks like, so that --overwrite replaces only a store of that kind."""
+
+    name: str  # in messages: "model", "anomaly-map store"
+    group: str  # the zarr group whose root metadata commits the store ("" = the store itself)
+    entries: frozenset[str]  # every name the store's folder may hold
+
+    def root(self, store: Location) -> Location:
+        """Where the committing group of a store at `store` is."""
+        return store / self.group if self.group else store
+
+
+@dataclass(frozen=True)
 class PendingStore:
     """A zarr store being written: arrays go under `staging`; commit_store makes it visible at `target`.
 
@@ -303,32 +317,31 @@ class PendingStore:
     staging: Location
     token: str
     overwrite: bool
-    group: str = ""  # the zarr group inside the store whose root metadata commits it ("" = the store itself)
+    kind: StoreKind
 
     @property
     def root(self) -> Location:
         """Where the committing group is being written."""
-        return self.staging / self.group if self.group else self.staging
+        return self.kind.root(self.staging)
 
     def array_store(self, name: str, read_only: bool = False) -> zarr.abc.store.Store:
         """A store for one array `name` of the committing group."""
         return (self.root / name).zarr_store(read_only)
 
 
-def begin_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> PendingStore:
-    """Check `target` before any work and return where to write the store.
+def begin_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> PendingStore:
+    """Check `target` before any work and return where to write a store of `kind`.
 
-    `group` names the zarr group inside `target` whose root metadata is written last (a map store's
-    `maps.zarr`; "" for a model store, which is a group itself). A complete store is refused unless
-    `overwrite`; leftovers of a failed run are removed. On object storage, overwriting deletes the
-    old root first, then the rest.
+    An existing output is refused unless `overwrite`, and even then unless it is a complete store of
+    the same `kind` (or an empty folder): --overwrite never deletes a user's files. Leftovers of a
+    failed run are removed. On object storage, overwriting deletes the old root first, then the rest.
     """
     target = Location(target)
     token = uuid.uuid4().hex
     if target.is_remote:
-        _begin_remote(target, token, overwrite, group)
-        return PendingStore(target, target, token, overwrite, group)
-    return PendingStore(target, _begin_local(target, token, overwrite), token, overwrite, group)
+        _begin_remote(target, token, overwrite, kind)
+        return PendingStore(target, target, token, overwrite, kind)
+    return PendingStore(target, _begin_local(target, token, overwrite, kind), token, overwrite, kind)
 
 
 def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
@@ -337,17 +350,43 @@ def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
     return ((target / group if group else target) / ROOT_METADATA).exists()
 
 
-def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> None:
+def check_replaceable(target: Location, kind: StoreKind, overwrite: bool) -> None:
+    """Refuse an existing `target` unless `overwrite` and it is a complete store of `kind`, or an empty folder."""
+    if not overwrite:
+        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+    if not _holds_only(target, kind):
+        raise _foreign(target, kind)
+
+
+def _foreign(target: Location, kind: StoreKind) -> StorageError:
+    return StorageError(f"{target}: holds files that are not a padim-ray {kind.name}; choose another --out or remove them")
+
+
+def _holds_only(target: Location, kind: StoreKind) -> bool:
+    """Whether `target` is an empty folder, or a complete store of `kind` (its names, a format version)."""
+    if not target.is_dir():
+        return False
+    names = {child.name for child in target.iterdir()} - {WRITING_MARKER}
+    if not names:
+        return True
+    root = kind.root(target) / ROOT_METADATA
+    if not names <= kind.entries or not root.is_file():
+        return False
+    with storage_errors(root):
+        metadata = json.loads(root.read_bytes())
+    return "format_version" in metadata.get("attributes", {})
+
+
+def _begin_remote(target: Location, token: str, overwrite: bool, kind: StoreKind) -> None:
     if "/" not in target.path:
         raise StorageError(f"{target}: a store needs a path inside the bucket, e.g. {target}/model.zarr")
-    root, marker = (target / group if group else target) / ROOT_METADATA, target / WRITING_MARKER
-    complete = root.exists()
-    if complete and not overwrite:
-        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+    root, marker = kind.root(target) / ROOT_METADATA, target / WRITING_MARKER
     with storage_errors(target):
         contents = [p for p in target.fs.find(target.path) if p != marker.path]
-    if contents and not complete and not marker.exists():
-        raise StorageError(f"{target}: holds files that are not a padim-ray store; choose another --out or remove them")
+    if root.exists():
+        check_replaceable(target, kind, overwrite)
+    elif contents and not marker.exists():
+        raise _foreign(target, kind)
     marker.write_bytes(token.encode())  # also proves, before any work, that the bucket exists and is writable
     root.remove()  # first, so that readers stop seeing the old store as complete
     with storage_errors(target):
@@ -356,9 +395,9 @@ def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> 
             target.fs.rm(leftovers)
 
 
-def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
-    if target.exists() and not overwrite:
-        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+def _begin_local(target: Location, token: str, overwrite: bool, kind: StoreKind) -> Location:
+    if os.path.lexists(target.path):
+        check_replaceable(target, kind, overwrite)
     make_parent_folders(target)
     parent = target.parent
     remove_staging_leftovers(parent, target.name)
@@ -423,8 +462,7 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
             return
         _write_root(pending.root, attributes)
         if os.path.lexists(target.path):
-            if not pending.overwrite:
-                raise StorageError(f"{target}: appeared while the store was written; pass --overwrite or choose another --out")
+            check_replaceable(target, pending.kind, pending.overwrite)  # it appeared while the store was written
             trash = target.parent / f".{target.name}.old-{pending.token[:8]}"
             os.replace(target.path, trash.path)
             os.replace(pending.staging.path, target.path)
@@ -451,9 +489,9 @@ def abort_store(pending: PendingStore) -> None:
 
 
 @contextmanager
-def staged_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> Iterator[PendingStore]:
+def staged_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> Iterator[PendingStore]:
     """begin_store, and abort_store after the block (a no-op once the block has called commit_store)."""
-    pending = begin_store(target, overwrite, group)
+    pending = begin_store(target, overwrite, kind)
     try:
         yield pending
     finally:

@@ -22,6 +22,7 @@ from padim_ray.storage import (
     staged_store,
     storage_errors,
 )
+from padim_ray.store import MODEL_STORE
 from padim_ray.video import expand_inputs, index_video, iter_unit_frames, make_units
 from conftest import BUCKET, set_moto_auth
 
@@ -142,7 +143,7 @@ def write_array(pending, name: str, values: np.ndarray) -> None:
 
 def test_publish_protocol(where):
     target = where / "model.zarr"
-    pending = begin_store(target, overwrite=False)
+    pending = begin_store(target, overwrite=False, kind=MODEL_STORE)
     write_array(pending, "mean", np.ones(3))
     with pytest.raises((zarr.errors.GroupNotFoundError, FileNotFoundError)):
         open_root(target)  # arrays written, root not yet: no group
@@ -154,10 +155,10 @@ def test_publish_protocol(where):
     assert not (target / WRITING_MARKER).exists()
 
     with pytest.raises(StorageError) as err:
-        begin_store(target, overwrite=False)
+        begin_store(target, overwrite=False, kind=MODEL_STORE)
     assert str(err.value) == f"output {target} already exists; pass --overwrite or choose another --out"
 
-    pending = begin_store(target, overwrite=True)
+    pending = begin_store(target, overwrite=True, kind=MODEL_STORE)
     if target.is_remote:  # no rename on object storage: the old root goes first, then its arrays
         with pytest.raises(zarr.errors.GroupNotFoundError):
             open_root(target)
@@ -172,9 +173,9 @@ def test_publish_protocol(where):
 
 def test_leftovers_of_a_failed_run_are_removed(where):
     target = where / "model.zarr"
-    crashed = begin_store(target, overwrite=False)
+    crashed = begin_store(target, overwrite=False, kind=MODEL_STORE)
     write_array(crashed, "orphan", np.ones(2))  # killed before commit_store
-    pending = begin_store(target, overwrite=False)
+    pending = begin_store(target, overwrite=False, kind=MODEL_STORE)
     write_array(pending, "mean", np.ones(2))
     commit_store(pending, {"ok": True})
     assert sorted(open_root(target).array_keys()) == ["mean"]
@@ -184,12 +185,12 @@ def test_leftovers_of_a_failed_run_are_removed(where):
 def test_staged_store_aborts_on_error(where):
     target = where / "model.zarr"
     with pytest.raises(RuntimeError):
-        with staged_store(target, overwrite=False) as pending:
+        with staged_store(target, overwrite=False, kind=MODEL_STORE) as pending:
             write_array(pending, "mean", np.ones(2))
             raise RuntimeError("fit failed")
     assert not target.exists()
     assert not where.exists() or [child.name for child in where.iterdir()] == []
-    with staged_store(target, overwrite=False) as pending:
+    with staged_store(target, overwrite=False, kind=MODEL_STORE) as pending:
         write_array(pending, "mean", np.ones(2))
         commit_store(pending, {"ok": True})
     assert dict(open_root(target).attrs) == {"ok": True}
@@ -198,15 +199,15 @@ def test_staged_store_aborts_on_error(where):
 def test_a_prefix_with_foreign_files_is_never_cleared(prefix):
     (prefix / "videos" / "clip.mp4").write_bytes(b"not a store")
     with pytest.raises(StorageError) as err:
-        begin_store(prefix, overwrite=True)
-    assert str(err.value) == f"{prefix}: holds files that are not a padim-ray store; choose another --out or remove them"
+        begin_store(prefix, overwrite=True, kind=MODEL_STORE)
+    assert str(err.value) == f"{prefix}: holds files that are not a padim-ray model; choose another --out or remove them"
     assert (prefix / "videos" / "clip.mp4").read_bytes() == b"not a store"
 
 
 def test_a_run_that_was_taken_over_cannot_commit(prefix):
     target = prefix / "model.zarr"
-    first = begin_store(target, overwrite=False)
-    second = begin_store(target, overwrite=False)
+    first = begin_store(target, overwrite=False, kind=MODEL_STORE)
+    second = begin_store(target, overwrite=False, kind=MODEL_STORE)
     with pytest.raises(StorageError, match="another run took over"):
         commit_store(first, {"run": 1})
     abort_store(first)  # not its store any more: leaves the second run's files alone
@@ -244,7 +245,7 @@ def test_missing_bucket(s3):
             action()
         assert str(err.value) == expected
     with pytest.raises(StorageError) as err:
-        begin_store("s3://no-such-bucket-padim/model.zarr", overwrite=False)
+        begin_store("s3://no-such-bucket-padim/model.zarr", overwrite=False, kind=MODEL_STORE)
     assert str(err.value) == "s3://no-such-bucket-padim/model.zarr: bucket does not exist; create it or fix the URI"
 
 
