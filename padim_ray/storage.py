@@ -173,6 +173,11 @@ class Location:
         return self.uri.split("://", 1)[1] if self.is_remote else self.uri
 
     @property
+    def resolved(self) -> str:
+        """Where this really is: the path with symbolic links resolved locally, the URI otherwise."""
+        return self.uri if self.is_remote else os.path.realpath(self.path)
+
+    @property
     def bucket(self) -> str | None:
         return self.path.split("/", 1)[0] if self.is_remote else None
 

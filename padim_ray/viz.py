@@ -134,11 +134,12 @@ def render_input(
     out, source = Location(out), Location(input_path)
     check_render_out(out, [Location(maps_path), source], overwrite)
     group = open_maps(maps_path)
-    matches = [name for name, array in group.arrays() if Location(array.attrs.get("source", "/")) == source]
-    name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
-    if name not in group:
-        raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
     table = read_scores(maps_path)
+    inputs = table["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
+    matches = [name for name in inputs if Location(group[name].attrs.get("source", "/")) == source]
+    name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
+    if name not in inputs:
+        raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
     frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
     make_parent_folders(out)
@@ -152,17 +153,11 @@ def render_input(
 
 def check_render_out(out: Location, inputs: list[Location], overwrite: bool) -> None:
     """Refuse an `out` that is one of `inputs` or inside one, or that exists, unless `overwrite` and it is a file."""
-    place = _real(out)
     for given in inputs:
-        if place == _real(given) or place.startswith(_real(given).rstrip("/") + "/"):
+        if out.resolved == given.resolved or out.resolved.startswith(given.resolved.rstrip("/") + "/"):
             raise PadimError(f"--out {out} would overwrite the input {given}; choose another --out")
     if out.exists():
         if not overwrite:
             raise PadimError(f"output {out} already exists; pass --overwrite or choose another --out")
         if not out.is_file():
             raise PadimError(f"output {out} is a folder, not a video; choose another --out")
-
-
-def _real(location: Location) -> str:
-    """Where `location` really is: symbolic links resolved for a local path."""
-    return location.uri if location.is_remote else os.path.realpath(location.path)

@@ -213,3 +213,13 @@ def test_overwrite_refuses_what_is_not_a_store_of_its_kind(small_model, stc_root
     )
     assert sorted(p.name for p in clip.iterdir()) == before
     assert sorted(p.relative_to(small_model) for p in small_model.rglob("*")) == model_files
+
+
+def test_an_input_given_twice_is_refused(small_model, stc_root, tmp_path):
+    videos = stc_root / "training" / "videos"
+    video = videos / "01_001.avi"
+    out = tmp_path / "model"
+    message = f"input {video} is given twice (also as {video}); pass each input once"
+    assert_clean_failure(run("fit", "videos", video, videos, "--out", out, *SMALL_FIT), message, out=out)  # also inside the folder
+    assert_clean_failure(run("update", small_model, video, video, "--out", out), message, out=out)
+    assert_clean_failure(run("score", small_model, video, video, "--out", out), message, out=out)
