@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -22,7 +22,7 @@ import ray
 from padim_ray.accounting import Accounting
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import StatsAccumulator
-from padim_ray.storage import Location, StorageError, make_parent_folders
+from padim_ray.storage import Lease, Location, StorageError, make_parent_folders
 
 IDENTITY_FILE = "fit.json"
 OWN_FILES = (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp")
@@ -39,29 +39,31 @@ def default_checkpoint_dir(out: Location) -> Location:
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """An opened checkpoint folder (local, or a prefix on object storage) of one fit configuration."""
+    """An opened checkpoint folder (local, or a prefix on object storage) of one fit configuration.
+
+    `open` takes the folder's Lease: one run at a time writes, merges and removes its files.
+    """
 
     path: Location
+    lease: Lease | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def open(cls, path: Location | str | os.PathLike, identity: dict) -> Checkpoints:
         """Create `path` for a fit of `identity` (with missing folders above it), or reopen it if an
-        earlier run of the same fit made it."""
+        earlier run of the same fit made it; a folder another live run holds is refused."""
         path = Location(path)
         make_parent_folders(path, "--checkpoint-dir")
         identity = json.loads(json.dumps(identity))  # as it reads back from disk (tuples become lists)
         file = path / IDENTITY_FILE
-        if file.is_file():
-            saved = json.loads(file.read_bytes())
-            differ = sorted(key for key in identity.keys() | saved.keys() if identity.get(key) != saved.get(key))
-            if differ:
-                raise CheckpointError(
-                    f"checkpoint {path} belongs to a fit with other {', '.join(differ)}; rerun that fit to resume it, "
-                    "or remove the folder (or pass another --checkpoint-dir) to start over"
-                )
-        else:
-            _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
-        return cls(path)
+        _check_identity(file, identity)  # first: another fit's folder is refused whoever holds it
+        lease = Lease(path, "--checkpoint-dir")
+        try:
+            if not file.is_file():
+                _write_atomically(file, lambda f: f.write(json.dumps(identity, indent=1).encode()))
+        except BaseException:
+            lease.release()
+            raise
+        return cls(path, lease)
 
     def _listing(self) -> list[Location]:
         """This folder's files (none if it does not exist): one listing, filtered by `_matching`."""
@@ -93,21 +95,39 @@ class Checkpoints:
         return self.path / f"actor-{uuid.uuid4().hex[:12]}.npz"
 
     def remove_if_empty(self) -> None:
-        """Remove the folder unless it holds progress worth resuming from (a failed fit's)."""
+        """Remove the folder unless it holds progress worth resuming from (a failed fit's); release the lease."""
         if not self.files():
             self.remove()
+        elif self.lease:
+            self.lease.release()
 
     def remove(self) -> None:
-        """Remove this fit's files (only those: the folder may be a user's), and the folder if then empty."""
+        """Remove this fit's files (only those: the folder may be a user's), release the lease, and
+        remove the folder if then empty."""
         listing = self._listing()
         for pattern in OWN_FILES:
             for file in _matching(listing, pattern):
                 file.remove()
+        if self.lease:
+            self.lease.release()
         if not self.path.is_remote:
             try:
                 os.rmdir(self.path.path)
             except OSError:
                 pass  # holds files of the user's, or is gone
+
+
+def _check_identity(file: Location, identity: dict) -> None:
+    """Refuse a checkpoint folder whose identity file names another fit."""
+    if not file.is_file():
+        return
+    saved = json.loads(file.read_bytes())
+    differ = sorted(key for key in identity.keys() | saved.keys() if identity.get(key) != saved.get(key))
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {file.parent} belongs to a fit with other {', '.join(differ)}; rerun that fit to resume it, "
+            "or remove the folder (or pass another --checkpoint-dir) to start over"
+        )
 
 
 def _matching(files: list[Location], pattern: str) -> list[Location]:

@@ -280,12 +280,13 @@ def render(
     input: Annotated[str, typer.Argument(help="The scored video or folder of frames (path or URI).")],
     out: Annotated[str, typer.Option(help="MP4 file to write, path or URI.")],
     fps: Annotated[int, typer.Option(help="Frames per second of the output.")] = 24,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file (never one of the inputs).")] = False,
 ) -> None:
     """Write the footage with its anomaly heatmap and a score timeline as an MP4."""
     from padim_ray.viz import render_input
 
     with _one_line_errors():
-        typer.echo(f"video: {render_input(maps, input, out, fps)}")
+        typer.echo(f"video: {render_input(maps, input, out, fps, overwrite)}")
 
 
 @app.command("make-synthetic")

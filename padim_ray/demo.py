@@ -40,7 +40,7 @@ def run_demo(workdir: str | Path, address: str | None = None) -> DemoResult:
     [report] = evaluate_stc(root, "01", evaluation, model=str(fitted.out), score_kwargs={"overwrite": True, "address": address})
     maps = evaluation / "maps_01"
     clip = test_clips(root, "01")[0]
-    video = render_input(maps, clip, workdir / f"{clip.name}.mp4")
+    video = render_input(maps, clip, workdir / f"{clip.name}.mp4", overwrite=True)
     print(format_table([report]))
     print(f"data:       {root} (ShanghaiTech layout, exact masks)")
     print(f"model:      {fitted.out} ({fitted.frames} frames, {fitted.seconds:.1f} s)")

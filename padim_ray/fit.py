@@ -28,7 +28,7 @@ from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
 )
 from padim_ray.storage import Location, PendingStore, staged_store
-from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
+from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
 from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
     if base:
         identity["base_model"] = {"path": base.path.uri, "frames": base.frames}
     checkpoint_dir = Location(job.checkpoint_dir or default_checkpoint_dir(job.out))  # absolute, as actors need
-    with staged_store(job.out, job.overwrite) as pending, user_errors():
+    with staged_store(job.out, job.overwrite, MODEL_STORE) as pending, user_errors():
         checkpoints = Checkpoints.open(checkpoint_dir, identity)
         try:
             connect(job.address)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
-    MAPS_GROUP, MapChunkWriter, MapTarget, check_chunk_owners, create_map_arrays, open_model, publish_maps,
+    MAP_STORE, MapChunkWriter, MapTarget, check_chunk_owners, create_map_arrays, open_model, publish_maps,
     trim_map_arrays, write_scores,
 )
-from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, VIDEO_SUFFIXES, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
 SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
@@ -110,14 +111,30 @@ def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
 
 
 def map_targets(units: list[WorkUnit], map_size: tuple[int, int] | None) -> dict[int, MapTarget]:
-    """Where each unit's maps go: a readable unique input id (file stem or folder name, e.g. 01_0014)
-    and the map size (`map_size`, or the input's own)."""
-    ids: dict[str, str] = {}
-    for unit in {u.path: u for u in units}.values():
-        path, name = unit.path, Location(unit.path).name
-        name = os.path.splitext(name)[0] if unit.is_video else name
-        ids[path] = name if name not in ids.values() else f"{name}_{len(ids)}"
+    """Where each unit's maps go: its input's id (input_ids) and the map size (`map_size`, or the input's own)."""
+    ids = input_ids([unit.path for unit in units])
     return {u.uid: MapTarget(ids[u.path], map_size or (u.height, u.width)) for u in units}
+
+
+def input_ids(paths: list[str]) -> dict[str, str]:
+    """A readable id per input, unique by construction and independent of order: the shortest suffix
+    of its path that no other input's path ends with (`01_0014`, or `a/x` and `b/x` for /a/x.mp4 and
+    /b/x.mp4), video suffixes dropped unless they alone tell two inputs apart."""
+    parts = {path: _id_parts(path, keep_suffix=False) for path in dict.fromkeys(paths)}
+    shared = Counter(parts.values())
+    parts = {path: _id_parts(path, keep_suffix=True) if shared[p] > 1 else p for path, p in parts.items()}
+    depth = max(map(len, parts.values()))
+    counts = [Counter(p[-k:] for p in parts.values()) for k in range(depth + 1)]
+    return {path: "/".join(next((p[-k:] for k in range(1, len(p)) if counts[k][p[-k:]] == 1), p)) for path, p in parts.items()}
+
+
+def _id_parts(path: str, keep_suffix: bool) -> tuple[str, ...]:
+    """The components of an input's path (the bucket's scheme first), its video suffix dropped unless `keep_suffix`."""
+    location = Location(path)
+    *folders, name = [part for part in location.path.split("/") if part]
+    if not keep_suffix and os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
+        name = os.path.splitext(name)[0]
+    return ((f"{location.protocol}:",) if location.is_remote else ()) + (*folders, name)
 
 
 @dataclass
@@ -146,7 +163,7 @@ def score_inputs(
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
-    with staged_store(out, overwrite, group=MAPS_GROUP) as pending, user_errors():
+    with staged_store(out, overwrite, MAP_STORE) as pending, user_errors():
         create_map_arrays(pending, score.map_dtype, chunk, _map_arrays(units, targets))
         connect(address)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames

@@ -11,12 +11,17 @@ last (`begin_store` / `commit_store`): readers see either no group or a complete
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import json
 import logging
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -172,6 +177,11 @@ class Location:
         return self.uri.split("://", 1)[1] if self.is_remote else self.uri
 
     @property
+    def resolved(self) -> str:
+        """Where this really is: the path with symbolic links resolved locally, the URI otherwise."""
+        return self.uri if self.is_remote else os.path.realpath(self.path)
+
+    @property
     def bucket(self) -> str | None:
         return self.path.split("/", 1)[0] if self.is_remote else None
 
@@ -287,7 +297,158 @@ class Location:
             os.unlink(tmp)
 
 
+# One writer per output.
+
+LEASE_HEARTBEAT = 30.0  # seconds between refreshes of a lease marker on object storage
+LEASE_STALE = 180.0  # a marker not refreshed for this long belongs to a dead run: it is taken over
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: written into its lock file or marker."""
+
+    token: str
+    host: str
+    pid: int
+    started: float  # time.time() when the lease was taken
+    heartbeat: float  # last refresh (object storage)
+
+    @classmethod
+    def parse(cls, data: bytes) -> Holder | None:
+        """The holder a lock file or marker names; None for an empty file, and a long-dead holder
+        for a marker written before leases had holders (a bare token)."""
+        text = data.decode(errors="replace").strip()
+        if not text:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError):
+            return cls(token=text, host="?", pid=0, started=0.0, heartbeat=0.0)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on host {self.host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}"
+
+    def is_dead(self) -> bool:
+        """Whether the holder is gone: its heartbeat is stale, or it was a process of this host that has exited."""
+        if time.time() - self.heartbeat > LEASE_STALE:
+            return True
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # another user's live process
+        return False
+
+
+class Lease:
+    """The right to write one output (a store or a checkpoint folder), held by one run at a time.
+
+    Locally: an exclusive flock on `.NAME.lock` beside the output, naming the holder; the kernel
+    drops it when the holder dies, so a dead run's lease is simply taken. On object storage: the
+    `.padim-writing` marker inside the output, naming the holder and refreshed by a thread every
+    LEASE_HEARTBEAT seconds; a marker older than LEASE_STALE, or of a process gone from this
+    host, is taken over. `option` names the output in messages (--out, --checkpoint-dir).
+    """
+
+    def __init__(self, where: Location, option: str, token: str | None = None):
+        self.where, self.option = where, option
+        now = time.time()
+        self.holder = Holder(token or uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+        self.file = where / WRITING_MARKER if where.is_remote else where.parent / f".{where.name}.lock"
+        self._fd: int | None = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()  # a refresh never rewrites the marker after release removed it
+        with storage_errors(self.file):
+            if where.is_remote:
+                self._take_marker()
+            else:
+                self._take_lock()
+
+    def _busy(self, holder: Holder | None) -> StorageError:
+        who = holder.describe() if holder else "another run"
+        return StorageError(
+            f"{self.option} {self.where} is being written by {who}; wait for it, or remove {self.file} if that run is dead"
+        )
+
+    def _taken_over(self, holder: Holder | None) -> None:
+        if holder:
+            log.warning("%s %s: taking over the lease of %s, which is gone", self.option, self.where, holder.describe())
+
+    def _take_lock(self) -> None:
+        for _ in range(3):  # the holder may remove the file between our open and our flock
+            try:
+                fd = os.open(self.file.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:  # e.g. a read-only file system, where root's os.access still says yes
+                raise StorageError(f"output folder {self.file.parent} is not writable ({err.strerror}); choose another {self.option}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = Holder.parse(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise self._busy(holder) from None
+            if os.path.exists(self.file.path) and os.path.samestat(os.fstat(fd), os.stat(self.file.path)):
+                self._taken_over(Holder.parse(os.pread(fd, 4096, 0)))
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(self.holder.__dict__).encode(), 0)
+                self._fd = fd
+                return
+            os.close(fd)
+        raise self._busy(None)
+
+    def _take_marker(self) -> None:
+        holder = Holder.parse(self.file.read_bytes()) if self.file.exists() else None
+        if holder and not holder.is_dead():
+            raise self._busy(holder)
+        self._taken_over(holder)
+        self.file.write_bytes(json.dumps(self.holder.__dict__).encode())  # also proves the bucket is writable
+        threading.Thread(target=self._refresh, name=f"lease {self.where}", daemon=True).start()
+
+    def _refresh(self) -> None:
+        while not self._stopped.wait(LEASE_HEARTBEAT):
+            with self._lock:
+                try:
+                    if not self._stopped.is_set() and self.holds():
+                        heartbeat = {**self.holder.__dict__, "heartbeat": time.time()}
+                        self.file.write_bytes(json.dumps(heartbeat).encode())
+                except StorageError as err:
+                    log.warning("%s %s: cannot refresh the lease (%s); retrying", self.option, self.where, err)
+
+    def holds(self) -> bool:
+        """Whether this run still holds the lease (on object storage another run may have taken it over)."""
+        if not self.where.is_remote:
+            return self._fd is not None
+        holder = Holder.parse(self.file.read_bytes()) if self.file.exists() else None
+        return holder is not None and holder.token == self.holder.token
+
+    def release(self) -> None:
+        """Give the lease up, removing its file if it is still ours (idempotent)."""
+        with self._lock:
+            self._stopped.set()
+            if self._fd is not None:
+                os.unlink(self.file.path)
+                os.close(self._fd)
+                self._fd = None
+            elif self.where.is_remote and self.holds():
+                self.file.remove()
+
+
 # Publishing a zarr store atomically.
+
+
+@dataclass(frozen=True)
+class StoreKind:
+    """What a padim-ray store of one kind looks like, so that --overwrite replaces only a store of that kind."""
+
+    name: str  # in messages: "model", "anomaly-map store"
+    group: str  # the zarr group whose root metadata commits the store ("" = the store itself)
+    entries: frozenset[str]  # every name the store's folder may hold
+
+    def root(self, store: Location) -> Location:
+        """Where the committing group of a store at `store` is."""
+        return store / self.group if self.group else store
 
 
 @dataclass(frozen=True)
@@ -303,32 +464,33 @@ class PendingStore:
     staging: Location
     token: str
     overwrite: bool
-    group: str = ""  # the zarr group inside the store whose root metadata commits it ("" = the store itself)
+    kind: StoreKind
+    lease: Lease  # this run's right to write `target`
 
     @property
     def root(self) -> Location:
         """Where the committing group is being written."""
-        return self.staging / self.group if self.group else self.staging
+        return self.kind.root(self.staging)
 
     def array_store(self, name: str, read_only: bool = False) -> zarr.abc.store.Store:
         """A store for one array `name` of the committing group."""
         return (self.root / name).zarr_store(read_only)
 
 
-def begin_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> PendingStore:
-    """Check `target` before any work and return where to write the store.
+def begin_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> PendingStore:
+    """Check `target` before any work and return where to write a store of `kind`.
 
-    `group` names the zarr group inside `target` whose root metadata is written last (a map store's
-    `maps.zarr`; "" for a model store, which is a group itself). A complete store is refused unless
-    `overwrite`; leftovers of a failed run are removed. On object storage, overwriting deletes the
-    old root first, then the rest.
+    An existing output is refused unless `overwrite`, and even then unless it is a complete store of
+    the same `kind` (or an empty folder): --overwrite never deletes a user's files. The run takes
+    the output's Lease (a second writer is refused); leftovers of a dead run are then removed. On
+    object storage, overwriting deletes the old root first, then the rest.
     """
     target = Location(target)
     token = uuid.uuid4().hex
     if target.is_remote:
-        _begin_remote(target, token, overwrite, group)
-        return PendingStore(target, target, token, overwrite, group)
-    return PendingStore(target, _begin_local(target, token, overwrite), token, overwrite, group)
+        return PendingStore(target, target, token, overwrite, kind, _begin_remote(target, token, overwrite, kind))
+    staging, lease = _begin_local(target, token, overwrite, kind)
+    return PendingStore(target, staging, token, overwrite, kind, lease)
 
 
 def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
@@ -337,37 +499,70 @@ def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
     return ((target / group if group else target) / ROOT_METADATA).exists()
 
 
-def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> None:
+def check_replaceable(target: Location, kind: StoreKind, overwrite: bool) -> None:
+    """Refuse an existing `target` unless `overwrite` and it is a complete store of `kind`, or an empty folder."""
+    if not overwrite:
+        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+    if not _holds_only(target, kind):
+        raise _foreign(target, kind)
+
+
+def _foreign(target: Location, kind: StoreKind) -> StorageError:
+    return StorageError(f"{target}: holds files that are not a padim-ray {kind.name}; choose another --out or remove them")
+
+
+def _holds_only(target: Location, kind: StoreKind) -> bool:
+    """Whether `target` is an empty folder, or a complete store of `kind` (its names, a format version)."""
+    if not target.is_dir():
+        return False
+    names = {child.name for child in target.iterdir()} - {WRITING_MARKER}
+    if not names:
+        return True
+    root = kind.root(target) / ROOT_METADATA
+    if not names <= kind.entries or not root.is_file():
+        return False
+    with storage_errors(root):
+        metadata = json.loads(root.read_bytes())
+    return "format_version" in metadata.get("attributes", {})
+
+
+def _begin_remote(target: Location, token: str, overwrite: bool, kind: StoreKind) -> Lease:
     if "/" not in target.path:
         raise StorageError(f"{target}: a store needs a path inside the bucket, e.g. {target}/model.zarr")
-    root, marker = (target / group if group else target) / ROOT_METADATA, target / WRITING_MARKER
-    complete = root.exists()
-    if complete and not overwrite:
-        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+    root, marker = kind.root(target) / ROOT_METADATA, target / WRITING_MARKER
     with storage_errors(target):
         contents = [p for p in target.fs.find(target.path) if p != marker.path]
-    if contents and not complete and not marker.exists():
-        raise StorageError(f"{target}: holds files that are not a padim-ray store; choose another --out or remove them")
-    marker.write_bytes(token.encode())  # also proves, before any work, that the bucket exists and is writable
-    root.remove()  # first, so that readers stop seeing the old store as complete
-    with storage_errors(target):
-        leftovers = [p for p in target.fs.find(target.path) if p != marker.path]
-        if leftovers:
-            target.fs.rm(leftovers)
+    if root.exists():
+        check_replaceable(target, kind, overwrite)
+    elif contents and not marker.exists():
+        raise _foreign(target, kind)
+    lease = Lease(target, "--out", token)  # the marker: also proves, before any work, that the bucket is writable
+    try:
+        root.remove()  # first, so that readers stop seeing the old store as complete
+        with storage_errors(target):
+            leftovers = [p for p in target.fs.find(target.path) if p != marker.path]
+            if leftovers:
+                target.fs.rm(leftovers)
+    except BaseException:
+        lease.release()
+        raise
+    return lease
 
 
-def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
-    if target.exists() and not overwrite:
-        raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
+def _begin_local(target: Location, token: str, overwrite: bool, kind: StoreKind) -> tuple[Location, Lease]:
+    if os.path.lexists(target.path):
+        check_replaceable(target, kind, overwrite)
     make_parent_folders(target)
     parent = target.parent
-    remove_staging_leftovers(parent, target.name)
+    lease = Lease(target, "--out", token)
     staging = parent / f".{target.name}.partial-{token[:8]}"
     try:
+        remove_staging_leftovers(parent, target.name)  # a dead run's: we hold the lease
         os.mkdir(staging.path)
     except OSError as err:
+        lease.release()
         raise StorageError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
-    return staging
+    return staging, lease
 
 
 def make_parent_folders(target: Location | str | os.PathLike, option: str = "--out") -> None:
@@ -415,22 +610,21 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
     target = pending.target
     with storage_errors(target):
         if target.is_remote:
-            marker = target / WRITING_MARKER
-            if marker.read_bytes().decode() != pending.token:
+            if not pending.lease.holds():
                 raise StorageError(f"{target}: another run took over this store while it was written; rerun one at a time")
             _write_root(pending.root, attributes)
-            marker.remove()
+            pending.lease.release()
             return
         _write_root(pending.root, attributes)
         if os.path.lexists(target.path):
-            if not pending.overwrite:
-                raise StorageError(f"{target}: appeared while the store was written; pass --overwrite or choose another --out")
+            check_replaceable(target, pending.kind, pending.overwrite)  # it appeared while the store was written
             trash = target.parent / f".{target.name}.old-{pending.token[:8]}"
             os.replace(target.path, trash.path)
             os.replace(pending.staging.path, target.path)
             shutil.rmtree(trash.path, ignore_errors=True)
         else:
             os.replace(pending.staging.path, target.path)
+        pending.lease.release()
 
 
 def _write_root(where: Location, attributes: dict) -> None:
@@ -439,21 +633,22 @@ def _write_root(where: Location, attributes: dict) -> None:
 
 
 def abort_store(pending: PendingStore) -> None:
-    """Best effort: remove what a failed write left (never a committed store)."""
+    """Best effort: remove what a failed write left (never a committed store, nor another run's), and release the lease."""
     try:
         if not pending.target.is_remote:
             pending.staging.remove_tree()
-        elif (pending.target / WRITING_MARKER).read_bytes().decode() == pending.token:
-            if not (pending.root / ROOT_METADATA).exists():
-                pending.target.remove_tree()
+        elif pending.lease.holds() and not (pending.root / ROOT_METADATA).exists():
+            pending.target.remove_tree()
     except StorageError:
         pass
+    finally:
+        pending.lease.release()
 
 
 @contextmanager
-def staged_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> Iterator[PendingStore]:
+def staged_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> Iterator[PendingStore]:
     """begin_store, and abort_store after the block (a no-op once the block has called commit_store)."""
-    pending = begin_store(target, overwrite, group)
+    pending = begin_store(target, overwrite, kind)
     try:
         yield pending
     finally:

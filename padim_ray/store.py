@@ -29,7 +29,7 @@ import zarr
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
 from padim_ray.storage import (
-    WRITING_MARKER, Location, PendingStore, commit_store, is_committed, storage_errors,
+    ROOT_METADATA, WRITING_MARKER, Location, PendingStore, StoreKind, commit_store, is_committed, storage_errors,
 )
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
@@ -38,6 +38,8 @@ MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
 # here), 2.0x smaller instead of 2.3x; scoring writes every frame, so speed wins
 MAP_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
+MODEL_STORE = StoreKind("model", "", frozenset({ROOT_METADATA, *ARRAYS}))
+MAP_STORE = StoreKind("anomaly-map store", MAPS_GROUP, frozenset({MAPS_GROUP, SCORES_FILE}))
 
 
 class StoreError(PadimError):

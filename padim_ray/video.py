@@ -69,7 +69,10 @@ def frame_files(folder: Location | str | Path) -> list[Location]:
 
 
 def expand_inputs(paths: list[str | Path | Location]) -> list[Location]:
-    """Videos and frame folders named by `paths` (local paths or URIs); a folder of videos expands to its videos."""
+    """Videos and frame folders named by `paths` (local paths or URIs); a folder of videos expands to its videos.
+
+    An input named twice (directly, through a folder or a link) is refused: its frames would count twice.
+    """
     found: list[Location] = []
     for raw in paths:
         location = Location(raw)
@@ -86,6 +89,11 @@ def expand_inputs(paths: list[str | Path | Location]) -> list[Location]:
             if not videos:
                 raise VideoError(f"folder {location} holds neither frames nor videos; point at a folder of .jpg/.png or videos")
             found.extend(videos)
+    seen: dict[str, Location] = {}
+    for location in found:
+        if location.resolved in seen:
+            raise VideoError(f"input {location} is given twice (also as {seen[location.resolved]}); pass each input once")
+        seen[location.resolved] = location
     return found
 
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from padim_ray.config import MAX_FPS, between, require  # noqa: E402
+from padim_ray.errors import PadimError  # noqa: E402
 from padim_ray.storage import Location, make_parent_folders  # noqa: E402
 
 
@@ -122,24 +123,27 @@ def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, lab
     return out
 
 
-def render_input(maps_path: str | Path | Location, input_path: str | Path | Location, out: str | Path | Location, fps: int = 24) -> Location:
+def render_input(
+    maps_path: str | Path | Location, input_path: str | Path | Location, out: str | Path | Location, fps: int = 24, overwrite: bool = False,
+) -> Location:
     """Render the footage of one scored input with its maps (found by source path or input id) to `out`
-    (a path, or a URI: rendered to a temp file, then uploaded)."""
-    from padim_ray.errors import PadimError
+    (a path, or a URI: rendered to a temp file, then uploaded). An existing `out` is replaced only
+    with `overwrite`, and never when it is one of the inputs."""
     from padim_ray.store import open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
 
     require({"fps": fps}, {"fps": between(1, MAX_FPS)})
+    out, source = Location(out), Location(input_path)
+    check_render_out(out, [Location(maps_path), source], overwrite)
     group = open_maps(maps_path)
-    source = Location(input_path)
-    matches = [name for name, array in group.arrays() if Location(array.attrs.get("source", "/")) == source]
-    name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
-    if name not in group:
-        raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
     table = read_scores(maps_path)
+    inputs = table["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
+    matches = [name for name in inputs if Location(group[name].attrs.get("source", "/")) == source]
+    name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
+    if name not in inputs:
+        raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
     frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
-    out = Location(out)
     make_parent_folders(out)
     if not out.is_remote:
         render_video(frames, group[name], scores, Path(out), fps)
@@ -147,3 +151,15 @@ def render_input(maps_path: str | Path | Location, input_path: str | Path | Loca
     with tempfile.TemporaryDirectory(prefix="padim-render-") as tmp:
         out.upload(str(render_video(frames, group[name], scores, Path(tmp) / out.name, fps)))
     return out
+
+
+def check_render_out(out: Location, inputs: list[Location], overwrite: bool) -> None:
+    """Refuse an `out` that is one of `inputs` or inside one, or that exists, unless `overwrite` and it is a file."""
+    for given in inputs:
+        if out.resolved == given.resolved or out.resolved.startswith(given.resolved.rstrip("/") + "/"):
+            raise PadimError(f"--out {out} would overwrite the input {given}; choose another --out")
+    if out.exists():
+        if not overwrite:
+            raise PadimError(f"output {out} already exists; pass --overwrite or choose another --out")
+        if not out.is_file():
+            raise PadimError(f"output {out} is a folder, not a video; choose another --out")

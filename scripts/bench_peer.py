@@ -92,7 +92,7 @@ def main() -> None:
         print(json.dumps(anomalib_fit(args.child)))
         return
     videos = footage(args.frames, args.source, args.cache)
-    with workdir() as tmp:
+    with workdir():
         commands = {
             **component_rows("backbone"),
             f"anomalib {anomalib.__version__} PaDiM": lambda inputs, scratch: [sys.executable, Path(__file__).resolve(), "--child", inputs[0]],

@@ -42,6 +42,13 @@ def timed(step, device: torch.device, repeats: int) -> float:
     return float(np.median(times))
 
 
+def timed_update(embeddings: torch.Tensor, device: torch.device, update_bytes: int, repeats: int) -> float:
+    """Median milliseconds of folding `embeddings` into a fresh accumulator (freed on return: WR50-Rd550's is 10 GB)."""
+    batch, dims, height, width = embeddings.shape
+    accumulator = StatsAccumulator(height * width, dims, device, update_bytes=update_bytes)
+    return timed(lambda: accumulator.update(embeddings), device, repeats)
+
+
 def profile(model: ModelConfig, device: torch.device, batch_size: int, repeats: int, update_mibs: list[float]) -> Iterator[dict]:
     """One row per update size: milliseconds per batch of the embedding and of the float64 update."""
     embedder = Embedder(model, device)
@@ -49,9 +56,7 @@ def profile(model: ModelConfig, device: torch.device, batch_size: int, repeats: 
     embeddings = embedder(frames)
     embed_ms = timed(lambda: embedder(frames), device, repeats)
     for mib in update_mibs:
-        accumulator = StatsAccumulator(embedder.positions, embedder.dims, device, update_bytes=int(mib * 2**20))
-        update_ms = timed(lambda: accumulator.update(embeddings), device, repeats)
-        del accumulator  # WR50-Rd550's is 10 GB
+        update_ms = timed_update(embeddings, device, int(mib * 2**20), repeats)
         yield {
             "device": str(device),
             "backbone_dtype": model.backbone_dtype,

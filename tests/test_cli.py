@@ -186,3 +186,49 @@ def test_failures_inside_ray_end_in_one_line_with_the_traceback_in_a_file(ray_lo
 def test_render_fps_is_bounded_before_anything_is_read(tmp_path, fps):
     out = tmp_path / "video.mp4"
     assert_clean_failure(run("render", tmp_path / "no-maps", tmp_path / "no-clip", "--out", out, "--fps", fps), "--fps must be at least 1 and at most 240", out=out)
+
+
+def test_render_refuses_its_inputs_and_an_existing_out(tmp_path):
+    video, frames, maps = tmp_path / "clip.mp4", tmp_path / "frames", tmp_path / "maps"
+    video.write_bytes(b"a user's video")
+    frames.mkdir()
+    (frames / "000.jpg").write_bytes(b"a user's frame")
+    cases = [
+        (maps, video, video, "--overwrite", f"--out {video} would overwrite the input {video}"),
+        (maps, frames, frames / "out.mp4", "--overwrite", f"--out {frames / 'out.mp4'} would overwrite the input {frames}"),
+        (video, frames, video, "--overwrite", f"--out {video} would overwrite the input {video}"),  # the maps argument too
+        (maps, frames, video, "--no-overwrite", f"output {video} already exists; pass --overwrite"),
+    ]
+    for maps_arg, input_arg, out, overwrite, message in cases:
+        assert_clean_failure(run("render", maps_arg, input_arg, "--out", out, overwrite), message)
+    assert video.read_bytes() == b"a user's video" and sorted(p.name for p in frames.iterdir()) == ["000.jpg"]
+
+
+def test_overwrite_refuses_what_is_not_a_store_of_its_kind(small_model, stc_root, tmp_path):
+    clip = stc_root / "testing" / "frames" / "01_0001"
+    before = sorted(p.name for p in clip.iterdir())
+    model_files = sorted(p.relative_to(small_model) for p in small_model.rglob("*"))
+    assert_clean_failure(
+        run("score", small_model, clip, "--out", clip, "--overwrite"),
+        f"{clip}: holds files that are not a padim-ray anomaly-map store; choose another --out",
+    )
+    assert_clean_failure(
+        run("score", small_model, clip, "--out", small_model, "--overwrite"),
+        f"{small_model}: holds files that are not a padim-ray anomaly-map store",
+    )
+    assert_clean_failure(
+        run("fit", "videos", clip, "--out", clip, "--overwrite", *SMALL_FIT),
+        f"{clip}: holds files that are not a padim-ray model",
+    )
+    assert sorted(p.name for p in clip.iterdir()) == before
+    assert sorted(p.relative_to(small_model) for p in small_model.rglob("*")) == model_files
+
+
+def test_an_input_given_twice_is_refused(small_model, stc_root, tmp_path):
+    videos = stc_root / "training" / "videos"
+    video = videos / "01_001.avi"
+    out = tmp_path / "model"
+    message = f"input {video} is given twice (also as {video}); pass each input once"
+    assert_clean_failure(run("fit", "videos", video, videos, "--out", out, *SMALL_FIT), message, out=out)  # also inside the folder
+    assert_clean_failure(run("update", small_model, video, video, "--out", out), message, out=out)
+    assert_clean_failure(run("score", small_model, video, video, "--out", out), message, out=out)

@@ -23,7 +23,7 @@ from padim_ray.config import ClusterConfig
 from padim_ray.fit import FitLostError, accumulate, actor_name, fit_model, update_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
-from padim_ray.storage import Location
+from padim_ray.storage import Location, StorageError
 from conftest import SMALL_MODEL, relative_error, start_local_ray
 from holding import RELEASE_ENV, held_identity_embedder
 from test_fit import DIMS, GRID, embeddings_dataset
@@ -168,6 +168,19 @@ def test_checkpoint_of_another_fit_is_refused(tmp_path):
     Checkpoints.open(tmp_path / "c", {"config": {"dims": 16}, "inputs": ["a.avi"]})
     with pytest.raises(CheckpointError, match=r"checkpoint .*/c belongs to a fit with other config; .*remove the folder"):
         Checkpoints.open(tmp_path / "c", {"config": {"dims": 32}, "inputs": ["a.avi"]})
+
+
+def test_a_checkpoint_folder_has_one_writer(tmp_path):
+    identity = {"config": {"dims": 16}, "inputs": ["a.avi"]}
+    first = Checkpoints.open(tmp_path / "c", identity)
+    (tmp_path / "c" / "actor-0.npz").write_bytes(b"progress")
+    with pytest.raises(StorageError, match=rf"^--checkpoint-dir {tmp_path / 'c'} is being written by pid {os.getpid()} on host "):
+        Checkpoints.open(tmp_path / "c", identity)
+    first.remove_if_empty()  # keeps the progress, gives the folder up
+    second = Checkpoints.open(tmp_path / "c", identity)
+    assert [file.name for file in second.files()] == ["actor-0.npz"]
+    second.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # its files, lock file and folder gone
 
 
 def test_update_merges_new_footage_exactly_and_refuses_repeats(ray_local, stc_root, small_model, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +13,7 @@ import zarr
 from scipy.ndimage import gaussian_filter
 
 from padim_ray.config import ClusterConfig, ScoreConfig
-from padim_ray.score import Scorer, score_inputs
+from padim_ray.score import Scorer, input_ids, score_inputs
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit, iter_unit_frames
 from conftest import relative_error
@@ -103,3 +105,28 @@ def test_absurd_map_sizes_are_refused_in_one_line(text):
     with pytest.raises(ConfigError, match=f"--map-size must be native, model or HxW like 480x856 with sides from 1 to 8192, got '{text}'"):
         parse_map_size(text, 256)
     assert parse_map_size("8192x1", 256) == (8192, 1) and parse_map_size("model", 64) == (64, 64) and parse_map_size("native", 64) is None
+
+
+def test_input_ids_are_the_shortest_distinguishing_path_suffixes():
+    paths = ["/a/x.mp4", "/x_2.mp4", "/b/x.mp4"]
+    expected = {"/a/x.mp4": "a/x", "/x_2.mp4": "x_2", "/b/x.mp4": "b/x"}
+    assert input_ids(paths) == expected and input_ids(paths[::-1]) == expected  # whatever the order
+    assert input_ids(["/c/a/x.mp4", "/a/x.mp4", "/d/frames/01_0014"]) == {"/c/a/x.mp4": "c/a/x", "/a/x.mp4": "a/x", "/d/frames/01_0014": "01_0014"}
+    assert input_ids(["/v/x.mp4", "/v/x.avi", "/v/x"]) == {"/v/x.mp4": "x.mp4", "/v/x.avi": "x.avi", "/v/x": "x"}
+    assert input_ids(["s3://bucket/a/x.mp4", "gs://bucket/a/x.mp4"]) == {"s3://bucket/a/x.mp4": "s3:/bucket/a/x", "gs://bucket/a/x.mp4": "gs:/bucket/a/x"}
+
+
+def test_inputs_of_one_name_get_their_own_maps(ray_local, small_model, stc_root, tmp_path):
+    from padim_ray.viz import render_input
+
+    clip = stc_root / "testing" / "frames" / "01_0001"  # 12 frames
+    first, second = tmp_path / "a" / "01_0001", tmp_path / "b" / "01_0001"
+    shutil.copytree(clip, first)
+    shutil.copytree(clip, second, ignore=lambda folder, names: sorted(names)[8:])  # 8 frames
+    out = tmp_path / "maps"
+    result = score_inputs(small_model, [first, second], out, map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
+    assert result.frames == {"a/01_0001": 12, "b/01_0001": 8}
+    group = zarr.open_group(str(out / "maps.zarr"), mode="r")
+    assert [(group[i].shape[0], group[i].attrs["source"]) for i in ("a/01_0001", "b/01_0001")] == [(12, str(first)), (8, str(second))]
+    assert pq.read_table(out / "scores.parquet").to_pandas()["input"].tolist() == ["a/01_0001"] * 12 + ["b/01_0001"] * 8
+    assert render_input(out, second, tmp_path / "b.mp4").is_file()  # found by its source path

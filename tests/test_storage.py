@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -11,6 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
+from padim_ray import storage
 from padim_ray.stc import LayoutError, scene_videos
 from padim_ray.storage import (
     WRITING_MARKER,
@@ -22,6 +29,7 @@ from padim_ray.storage import (
     staged_store,
     storage_errors,
 )
+from padim_ray.store import MODEL_STORE
 from padim_ray.video import expand_inputs, index_video, iter_unit_frames, make_units
 from conftest import BUCKET, set_moto_auth
 
@@ -142,7 +150,7 @@ def write_array(pending, name: str, values: np.ndarray) -> None:
 
 def test_publish_protocol(where):
     target = where / "model.zarr"
-    pending = begin_store(target, overwrite=False)
+    pending = begin_store(target, overwrite=False, kind=MODEL_STORE)
     write_array(pending, "mean", np.ones(3))
     with pytest.raises((zarr.errors.GroupNotFoundError, FileNotFoundError)):
         open_root(target)  # arrays written, root not yet: no group
@@ -154,10 +162,10 @@ def test_publish_protocol(where):
     assert not (target / WRITING_MARKER).exists()
 
     with pytest.raises(StorageError) as err:
-        begin_store(target, overwrite=False)
+        begin_store(target, overwrite=False, kind=MODEL_STORE)
     assert str(err.value) == f"output {target} already exists; pass --overwrite or choose another --out"
 
-    pending = begin_store(target, overwrite=True)
+    pending = begin_store(target, overwrite=True, kind=MODEL_STORE)
     if target.is_remote:  # no rename on object storage: the old root goes first, then its arrays
         with pytest.raises(zarr.errors.GroupNotFoundError):
             open_root(target)
@@ -170,11 +178,23 @@ def test_publish_protocol(where):
     assert [child.name for child in target.parent.iterdir()] == ["model.zarr"]  # no staging or trash left
 
 
-def test_leftovers_of_a_failed_run_are_removed(where):
+CRASHING_WRITER = """
+import os, signal, sys
+import numpy as np, zarr
+from padim_ray.storage import begin_store
+from padim_ray.store import MODEL_STORE
+pending = begin_store(sys.argv[1], overwrite=False, kind=MODEL_STORE)
+zarr.create_array(pending.array_store("orphan"), shape=(2,), dtype="f8", zarr_format=3)[:] = np.ones(2)
+os.kill(os.getpid(), signal.SIGKILL)  # before commit_store, holding the lease
+"""
+
+
+def test_leftovers_of_a_failed_run_are_removed(where, caplog):
     target = where / "model.zarr"
-    crashed = begin_store(target, overwrite=False)
-    write_array(crashed, "orphan", np.ones(2))  # killed before commit_store
-    pending = begin_store(target, overwrite=False)
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_WRITER, target.uri], capture_output=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    pending = begin_store(target, overwrite=False, kind=MODEL_STORE)  # its lease is a dead process's: taken over
+    assert "taking over the lease of pid" in caplog.text
     write_array(pending, "mean", np.ones(2))
     commit_store(pending, {"ok": True})
     assert sorted(open_root(target).array_keys()) == ["mean"]
@@ -184,12 +204,12 @@ def test_leftovers_of_a_failed_run_are_removed(where):
 def test_staged_store_aborts_on_error(where):
     target = where / "model.zarr"
     with pytest.raises(RuntimeError):
-        with staged_store(target, overwrite=False) as pending:
+        with staged_store(target, overwrite=False, kind=MODEL_STORE) as pending:
             write_array(pending, "mean", np.ones(2))
             raise RuntimeError("fit failed")
     assert not target.exists()
     assert not where.exists() or [child.name for child in where.iterdir()] == []
-    with staged_store(target, overwrite=False) as pending:
+    with staged_store(target, overwrite=False, kind=MODEL_STORE) as pending:
         write_array(pending, "mean", np.ones(2))
         commit_store(pending, {"ok": True})
     assert dict(open_root(target).attrs) == {"ok": True}
@@ -198,21 +218,59 @@ def test_staged_store_aborts_on_error(where):
 def test_a_prefix_with_foreign_files_is_never_cleared(prefix):
     (prefix / "videos" / "clip.mp4").write_bytes(b"not a store")
     with pytest.raises(StorageError) as err:
-        begin_store(prefix, overwrite=True)
-    assert str(err.value) == f"{prefix}: holds files that are not a padim-ray store; choose another --out or remove them"
+        begin_store(prefix, overwrite=True, kind=MODEL_STORE)
+    assert str(err.value) == f"{prefix}: holds files that are not a padim-ray model; choose another --out or remove them"
     assert (prefix / "videos" / "clip.mp4").read_bytes() == b"not a store"
 
 
-def test_a_run_that_was_taken_over_cannot_commit(prefix):
+def test_a_run_that_was_taken_over_cannot_commit(prefix, monkeypatch):
     target = prefix / "model.zarr"
-    first = begin_store(target, overwrite=False)
-    second = begin_store(target, overwrite=False)
+    first = begin_store(target, overwrite=False, kind=MODEL_STORE)
+    monkeypatch.setattr(storage, "LEASE_STALE", 0.0)  # the first run's heartbeat is late: it counts as dead
+    second = begin_store(target, overwrite=False, kind=MODEL_STORE)
+    monkeypatch.undo()
     with pytest.raises(StorageError, match="another run took over"):
         commit_store(first, {"run": 1})
     abort_store(first)  # not its store any more: leaves the second run's files alone
     write_array(second, "mean", np.ones(2))
     commit_store(second, {"run": 2})
     assert dict(open_root(target).attrs) == {"run": 2}
+
+
+def test_a_second_writer_is_refused_until_the_first_is_done(where):
+    target = where / "model.zarr"
+    first = begin_store(target, overwrite=False, kind=MODEL_STORE)
+    write_array(first, "mean", np.ones(2))
+    lock = target / WRITING_MARKER if target.is_remote else where / ".model.zarr.lock"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first.lease.holder.started))
+    for _ in range(2):  # nothing of the first run's is touched by a refused one
+        with pytest.raises(StorageError) as err:
+            begin_store(target, overwrite=True, kind=MODEL_STORE)
+        assert str(err.value) == (
+            f"--out {target} is being written by pid {os.getpid()} on host {socket.gethostname()} since {since}; "
+            f"wait for it, or remove {lock} if that run is dead"
+        )
+    commit_store(first, {"format_version": 1, "run": 1})
+    assert [child.name for child in where.iterdir()] == ["model.zarr"]  # lock file or marker gone
+    second = begin_store(target, overwrite=True, kind=MODEL_STORE)
+    write_array(second, "mean", np.zeros(2))
+    commit_store(second, {"run": 2})
+    assert dict(open_root(target).attrs) == {"run": 2}
+
+
+def test_a_stale_lease_is_taken_over(where, caplog):
+    """A lock file naming a dead pid of this host (locally), a marker whose heartbeat stopped (on a bucket)."""
+    target = where / "model.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"token": "0" * 32, "host": socket.gethostname(), "pid": int(dead.stdout), "started": 0.0, "heartbeat": 0.0}
+    if target.is_remote:
+        holder.update(host="another-host", heartbeat=time.time() - storage.LEASE_STALE - 1)
+    (target / WRITING_MARKER if target.is_remote else where / ".model.zarr.lock").write_bytes(json.dumps(holder).encode())
+    pending = begin_store(target, overwrite=False, kind=MODEL_STORE)
+    assert f"taking over the lease of pid {holder['pid']} on host {holder['host']}" in caplog.text
+    write_array(pending, "mean", np.ones(2))
+    commit_store(pending, {"ok": True})
+    assert [child.name for child in where.iterdir()] == ["model.zarr"]
 
 
 # Videos from a bucket, one at a time.
@@ -244,7 +302,7 @@ def test_missing_bucket(s3):
             action()
         assert str(err.value) == expected
     with pytest.raises(StorageError) as err:
-        begin_store("s3://no-such-bucket-padim/model.zarr", overwrite=False)
+        begin_store("s3://no-such-bucket-padim/model.zarr", overwrite=False, kind=MODEL_STORE)
     assert str(err.value) == "s3://no-such-bucket-padim/model.zarr: bucket does not exist; create it or fix the URI"
 
 

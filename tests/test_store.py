@@ -7,11 +7,14 @@ import pytest
 import zarr
 
 from padim_ray.storage import WRITING_MARKER, Location, StorageError, abort_store, begin_store, staged_store
-from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
+from padim_ray.store import (
+    MAP_STORE, MODEL_STORE, StoreError, create_map_arrays, create_model_store, open_maps, open_model, publish_maps, publish_model, write_scores,
+    write_shard,
+)
 
 
 def _pending_model(target: Location, positions=10, dims=3, shard=4, overwrite=False):
-    pending = begin_store(target, overwrite)
+    pending = begin_store(target, overwrite, kind=MODEL_STORE)
     create_model_store(pending, positions, dims, shard)
     rng = np.random.default_rng(0)
     arrays = {
@@ -46,7 +49,7 @@ def test_overwrite_replaces_an_existing_store(where):
     pending, _ = _pending_model(out)
     publish_model(pending, {"frames": 1})
     with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
-        begin_store(out, overwrite=False)
+        begin_store(out, overwrite=False, kind=MODEL_STORE)
     assert open_model(out).attrs["frames"] == 1  # a refused run leaves the model alone
     pending, _ = _pending_model(out, overwrite=True)
     publish_model(pending, {"frames": 2})
@@ -54,9 +57,48 @@ def test_overwrite_replaces_an_existing_store(where):
     assert [p.name for p in where.iterdir()] == ["model"]
 
 
+
+def _published_maps(target: Location, overwrite: bool = False) -> None:
+    """A complete (one-array) anomaly-map store at `target`, as `padim-ray score` publishes it."""
+    pending = begin_store(target, overwrite, kind=MAP_STORE)
+    create_map_arrays(pending, "float16", 4, {"clip": ((4, 2, 2), {"source": "/videos/clip.mp4"})})
+    write_scores(pending.staging, {"input": ["clip"] * 4, "frame": [0, 1, 2, 3]})
+    publish_maps(pending, {"kind": "anomaly-maps"})
+
+
+def _contents(where: Location) -> dict[str, bytes]:
+    """Every file under `where` and its bytes."""
+    return {path: where.fs.cat_file(path) for path in where.fs.find(where.path)}
+
+
+def test_overwrite_replaces_only_a_store_of_its_kind(where):
+    images, models, model, maps = where / "frames", where / "models", where / "models" / "a", where / "maps"
+    for name in ("000.jpg", "001.jpg"):
+        (images / name).write_bytes(b"a user's picture")
+    publish_model(_pending_model(model)[0], {"frames": 1})
+    _published_maps(maps)
+    before = _contents(where)
+    refused = [(images, MODEL_STORE), (images, MAP_STORE), (model, MAP_STORE), (maps, MODEL_STORE), (models, MODEL_STORE)]
+    for target, kind in refused:
+        with pytest.raises(StorageError) as err:
+            begin_store(target, overwrite=True, kind=kind)
+        assert str(err.value) == f"{target}: holds files that are not a padim-ray {kind.name}; choose another --out or remove them"
+    assert _contents(where) == before  # nothing a user owns is deleted, no staging left
+    publish_model(_pending_model(model, overwrite=True)[0], {"frames": 2})  # a model replaces a model
+    _published_maps(maps, overwrite=True)  # maps replace maps
+    assert open_model(model).attrs["frames"] == 2 and open_maps(maps).attrs["kind"] == "anomaly-maps"
+
+
+def test_overwrite_never_replaces_a_file(tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"a user's video")
+    with pytest.raises(StorageError, match=f"^{video}: holds files that are not a padim-ray anomaly-map store"):
+        begin_store(video, overwrite=True, kind=MAP_STORE)
+    assert video.read_bytes() == b"a user's video" and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
 def test_a_failed_write_leaves_nothing_that_opens(where):
     out = where / "model"
-    with pytest.raises(RuntimeError), staged_store(out, overwrite=False) as pending:
+    with pytest.raises(RuntimeError), staged_store(out, overwrite=False, kind=MODEL_STORE) as pending:
         create_model_store(pending, 10, 3, 4)
         raise RuntimeError("the fit failed")
     with pytest.raises(StoreError, match="not found"):
@@ -84,14 +126,14 @@ def test_not_a_store(tmp_path):
 def test_staging_checks_the_target(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
-        begin_store(tmp_path / "taken", overwrite=False)
-    abort_store(begin_store(tmp_path / "no" / "such" / "model", overwrite=False))  # missing folders are made
+        begin_store(tmp_path / "taken", overwrite=False, kind=MODEL_STORE)
+    abort_store(begin_store(tmp_path / "no" / "such" / "model", overwrite=False, kind=MODEL_STORE))  # missing folders are made
     assert (tmp_path / "no" / "such").is_dir() and not list((tmp_path / "no" / "such").iterdir())
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=f"output folder {tmp_path / 'file'} is a file; choose another --out"):
-        begin_store(tmp_path / "file" / "model", overwrite=False)
+        begin_store(tmp_path / "file" / "model", overwrite=False, kind=MODEL_STORE)
     with pytest.raises(StorageError, match=f"output folder {tmp_path / 'file' / 'sub'} cannot be created: {tmp_path / 'file'} is a file"):
-        begin_store(tmp_path / "file" / "sub" / "model", overwrite=False)
+        begin_store(tmp_path / "file" / "sub" / "model", overwrite=False, kind=MODEL_STORE)
 
 
 @pytest.fixture(scope="module")
