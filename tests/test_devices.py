@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,14 @@ import pytest
 import torch
 
 from padim_ray.checkpoint import CheckpointError, Checkpoints
-from padim_ray.config import ConfigError, ModelConfig
+from padim_ray.config import ClusterConfig, ConfigError, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.fit import _identity
-from padim_ray.runtime import choose_device
-from padim_ray.stc import scene_videos
+from padim_ray import runtime
+from padim_ray.runtime import ClusterError, choose_device, plan_actors
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit
 from conftest import SMALL_MODEL, relative_error
-
-BIN = Path(sys.executable).parent
 
 # an actor built on SplitConsumer (as the stats and score actors are), on a local Ray with one fake GPU
 PROBE_ACTORS = """
@@ -64,19 +63,13 @@ def test_actors_get_only_the_gpus_they_reserve():
     assert reports["1"] == {"gpu_ids": [0], "device": reserved}
 
 
-def test_a_gpu_wait_on_a_local_ray_fails_at_once_in_one_line(stc_root, tmp_path):
-    """No autoscaler can add GPUs to the local Ray a command started: it says so instead of waiting."""
-    command = [
-        str(BIN / "padim-ray"), "fit", "videos", str(scene_videos(stc_root, "01")[0]), "--out", str(tmp_path / "model"),
-        "--weights", "none", "--image-size", "64", "--dims", "16", "--gpus-per-actor", "1", "--actors", "64", "--address", "local",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="prg-")
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 1
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 64 actors x 1 GPUs need 64 GPUs; this machine has") and "no autoscaler" in last, run.stderr[-2000:]
-    assert "--gpus-per-actor" in last and not (tmp_path / "model").exists()
+def test_a_gpu_wait_on_a_local_ray_fails_at_once_in_one_line(ray_local, monkeypatch):
+    """No autoscaler can add GPUs to a local Ray this process started (the session's was): no wait."""
+    monkeypatch.setitem(runtime._STARTED_HERE, "local", True)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"^64 actors x 1 GPUs need 64 GPUs; this machine has 0 and its local Ray no autoscaler .*--gpus-per-actor") as error:
+        plan_actors(ClusterConfig(actors=64, gpus_per_actor=1.0, gpu_wait=600.0))
+    assert time.monotonic() - started < 60 and "\n" not in str(error.value)  # at once, not after --gpu-wait
 
 
 def test_a_model_records_its_backbone_dtype(small_model):
