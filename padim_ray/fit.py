@@ -25,7 +25,7 @@ from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_
 from padim_ray.checkpoint import CheckpointError, Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
-    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
+    ActorSpec, Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
 from padim_ray.storage import Location, PendingStore, staged_store
 from padim_ray.store import StoreError, create_model_store, open_model, publish_model, write_shard
@@ -263,12 +263,12 @@ def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConf
     """Stats actors for the cluster as it is now, each with its own checkpoint file."""
     plan = plan_actors(cluster)
     files = [checkpoints.new_file() if checkpoints else None for _ in plan]
-    actors = [
-        StatsActor.options(**spec.options(), name=actor_name(file)).remote(
-            make_embedder, positions, dims, spec.threads, file, cluster.checkpoint_every
-        )
-        for spec, file in zip(plan, files)
-    ]
+
+    def create(i: int, spec: ActorSpec):
+        options = {**spec.options(), "name": actor_name(files[i])}
+        return StatsActor.options(**options).remote(make_embedder, positions, dims, spec.threads, files[i], cluster.checkpoint_every)
+
+    actors = start_actors(plan, create, cluster, "stats")
     log.info("fit: %d actors (%s)", len(plan), describe_plan(plan))
     return actors, files
 

@@ -1,0 +1,96 @@
+"""Left running unattended: each command on its own Ray, stop signals handled as Ctrl-C, failures shown as they happen."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from padim_ray.config import ClusterConfig
+from padim_ray.runtime import ActorSpec, ClusterError, start_actors
+from padim_ray.stc import scene_videos
+from conftest import LOCAL_CPUS
+from holding import RELEASE_ENV, held_marker
+
+TESTS = Path(__file__).parent
+BIN = Path(sys.executable).parent
+SMALL_OPTIONS = ["--actors", "1", "--cpus-per-actor", "0.5"]
+SMALL_FIT_OPTIONS = ["--weights", "none", "--image-size", "64", "--dims", "16", *SMALL_OPTIONS]  # conftest's SMALL_MODEL
+
+
+def cli_env(tmp_path: Path) -> dict:
+    """The environment of a padim-ray command started here: no cluster named, so it starts its own Ray."""
+    env = {**os.environ, RELEASE_ENV: str(tmp_path / "never-released")}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stop_when_held(arguments: list[str], env: dict, stop: signal.Signals) -> subprocess.CompletedProcess:
+    """Run padim-ray ARGUMENTS with its actors held after their first batch (tests/holding.py) and
+    send it `stop` once an actor holds: mid-run, for certain."""
+    marker = Path(held_marker(env[RELEASE_ENV]))
+    marker.unlink(missing_ok=True)
+    command = [sys.executable, str(TESTS / "holding.py"), *arguments]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(stop)
+    output = driver.communicate(timeout=120)[0]
+    return subprocess.CompletedProcess(command, driver.returncode, output)
+
+
+def assert_stopped_in_one_line(stopped: subprocess.CompletedProcess, signum: signal.Signals) -> None:
+    assert stopped.returncode == 128 + signum, stopped.stdout[-3000:]
+    lines = stopped.stdout.strip().splitlines()
+    assert lines[-1] == f"error: terminated by {signum.name}", stopped.stdout[-3000:]
+    assert "Traceback" not in stopped.stdout and "SIGTERM received" not in stopped.stdout, stopped.stdout[-3000:]
+
+
+def test_sigterm_during_fit_keeps_checkpoints_and_says_so(stc_root, tmp_path):
+    out, checkpoints = tmp_path / "model", tmp_path / ".model.checkpoint"
+    arguments = ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT_OPTIONS, "--checkpoint-every", "0"]
+    stopped = stop_when_held(arguments, cli_env(tmp_path), signal.SIGTERM)
+    assert_stopped_in_one_line(stopped, signal.SIGTERM)
+    assert f"progress is kept in {checkpoints}; rerun the same command to resume" in stopped.stdout
+    assert len(list(checkpoints.glob("actor-*.npz"))) == 1  # resumable
+    assert not out.exists() and not list(tmp_path.glob(".model.partial-*"))  # no staging left
+
+
+def test_sigterm_during_score_ends_in_one_line(small_model, stc_root, tmp_path):
+    out = tmp_path / "maps"
+    videos = map(str, scene_videos(stc_root, "01"))  # 60 frames: batches of 4 are held after the first
+    arguments = ["score", str(small_model), *videos, "--out", str(out), *SMALL_OPTIONS, "--batch-size", "4", "--map-size", "model"]
+    stopped = stop_when_held(arguments, cli_env(tmp_path), signal.SIGTERM)
+    assert_stopped_in_one_line(stopped, signal.SIGTERM)
+    assert not (out / "maps.zarr" / "zarr.json").exists()  # nothing published
+
+
+@ray.remote
+class Idle:
+    """An actor that only reserves what it is given."""
+
+
+def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local, caplog):
+    """On a cluster whose free CPUs cannot hold the actors, say what is awaited at once, then fail after --resource-wait."""
+    plan = [ActorSpec(num_cpus=LOCAL_CPUS + 2, num_gpus=0.0, threads=1)]
+    created = []
+
+    def create(_, spec):
+        created.append(Idle.options(**spec.options()).remote())
+        return created[-1]
+
+    with caplog.at_level(logging.WARNING, logger="padim_ray.runtime"):
+        with pytest.raises(ClusterError, match=r"1 of 1 stats actors found no room in 1 s \(--resource-wait\): they need 6 CPUs") as error:
+            start_actors(plan, create, ClusterConfig(resource_wait=1.0), "stats")
+    assert "\n" not in str(error.value)
+    assert caplog.messages[0].startswith("waiting for 6 CPUs for 1 stats actor(s); the cluster has ")
+    with pytest.raises(ray.exceptions.RayActorError):  # the waiting actor was removed, not left queued
+        ray.get(created[0].__ray_ready__.remote(), timeout=60)
