@@ -199,7 +199,8 @@ def _exit_interrupted_scenes() -> None:
 
 def _echo_fit(result) -> None:
     recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
-    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered})")
+    warned = f", {result.warnings} warnings (logged above)" if result.warnings else ""
+    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered}{warned})")
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
         for skipped in result.skipped:

@@ -64,7 +64,7 @@ class StatsActor(SplitConsumer):
             try:
                 save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
             except CheckpointError as err:  # e.g. storage briefly unavailable: the statistics are intact, try again later
-                log.warning("stats actor: %s; retrying in %g s", err, self.checkpoint_every)
+                self.warn(f"stats actor: {err}; retrying in {self.checkpoint_every:g} s")
             self.saved_at = time.monotonic()
 
     def result(self) -> int:
@@ -121,8 +121,8 @@ class Partial:
 @dataclass
 class Accumulated:
     """What `accumulate` returns: one reduced ObjectRef per position shard, the shard bounds, the
-    accounting of every frame in them, their count, the number of stats actors lost and the ids of
-    units left out as undecodable."""
+    accounting of every frame in them, their count, the number of stats actors lost, the ids of
+    units left out as undecodable and the number of warnings the actors reported."""
 
     roots: list
     bounds: list[tuple[int, int]]
@@ -130,6 +130,7 @@ class Accumulated:
     count: int
     lost_actors: int = 0
     bad_units: set = field(default_factory=set)
+    warnings: int = 0  # failures the actors survived and reported (e.g. checkpoint saves)
 
 
 class StatsPool:
@@ -251,7 +252,7 @@ def accumulate(
         finally:
             pool.close()
     roots = [reduce_tree([refs[s] for refs in shard_refs], cluster.fan_in) for s in range(len(bounds))]
-    return Accumulated(roots, bounds, accounting, count, lost, bad)
+    return Accumulated(roots, bounds, accounting, count, lost, bad, pool.progress.warnings)
 
 
 def actor_name(checkpoint_file: Location | str | None) -> str | None:
@@ -294,6 +295,7 @@ class FitResult:
     seconds: float
     lost_actors: int = 0
     skipped: list[dict] = field(default_factory=list)  # inputs left out: {"path", "reason"}
+    warnings: int = 0  # failures survived on the way (each logged as it happened), e.g. checkpoint saves
 
 
 def fit_model(
@@ -412,6 +414,8 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
     started = time.monotonic()
     bad_inputs: list[tuple[str, str]] | None = [] if job.skip_bad_inputs else None
     units, estimate = make_units(expand_inputs(inputs), bad=bad_inputs)
+    for path, reason in bad_inputs or []:
+        log.warning("fit: skipping %s: %s", path, reason)
     if not units:
         raise VideoError(f"none of the inputs can be decoded ({bad_inputs[0][1] if bad_inputs else 'no inputs'})")
     identity = {**_identity(model, embedder, units), "skip_bad_inputs": job.skip_bad_inputs}
@@ -445,7 +449,7 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
         checkpoints.remove()
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, job.out)
-    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped)
+    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped, warnings=accumulated.warnings)
 
 
 @ray.remote

@@ -291,6 +291,7 @@ class SplitConsumer:
         self.accounting = Accounting()
         self.stopping = False
         self.stream = None  # which stream_to_actors call the split in hand belongs to
+        self.warnings: list[str] = []  # not yet reported to the driver (see progress)
 
     def consume(self, split, batch_size: int | None, stream: str | None = None, credits=None):
         """Process every batch of `split` (until `stop(stream)`), giving its rows back to `credits`
@@ -321,9 +322,17 @@ class SplitConsumer:
     def batch_done(self) -> None:
         """Called after each batch is processed and counted (e.g. to checkpoint)."""
 
-    def progress(self) -> int:
-        """Frames processed so far (answered while consume runs: actors need max_concurrency=2)."""
-        return self.accounting.count
+    def warn(self, message: str) -> None:
+        """A failure this actor survived (e.g. a checkpoint save), for the driver's terminal: worker logs
+        reach it only with --verbose."""
+        log.warning(message)
+        self.warnings.append(message)
+
+    def progress(self) -> tuple[int, list[str]]:
+        """Frames processed so far and the warnings since the last call (answered while consume runs:
+        actors need max_concurrency=2)."""
+        warnings, self.warnings = self.warnings, []
+        return self.accounting.count, warnings
 
     def stop(self, stream: str) -> None:
         """Make consume of `stream` return after the batch in hand (another actor of it was lost)."""
@@ -345,17 +354,23 @@ class Progress:
             self.bar.total = (self.bar.total or 0) + total
         self.held = 0  # frames outside the live actors: checkpoints of lost actors, earlier runs, a stored model
         self.shown = 0  # what this run has added to the bar
+        self.warnings = 0  # actors' warnings logged here, as they came
 
     def poll(self, actors: list) -> None:
-        """Update from the actors that answer within a second (a lost one may never answer)."""
+        """Update from the actors that answer within a second (a lost one may never answer), and log
+        the warnings they report, one line each."""
         refs = [actor.progress.remote() for actor in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
         counts = []
         for ref in ready:
             try:
-                counts.append(ray.get(ref))
+                count, warnings = ray.get(ref)
             except ray.exceptions.RayError:
-                pass
+                continue
+            counts.append(count)
+            for message in warnings:
+                log.warning(message)
+            self.warnings += len(warnings)
         now = self.held + sum(counts)
         self.bar.update(now - self.shown)
         self.shown = now

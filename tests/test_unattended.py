@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import zarr
 
 from padim_ray.config import ClusterConfig
 from padim_ray.runtime import ActorSpec, ClusterError, start_actors
+from padim_ray.score import Scorer
 from padim_ray.stc import scene_videos
-from conftest import LOCAL_CPUS
+from padim_ray.store import open_model
+from padim_ray.video import WorkUnit, iter_unit_frames
+from conftest import LOCAL_CPUS, relative_error
 from holding import RELEASE_ENV, held_marker
+from test_recovery import CHECKPOINT_EACH_BATCH, Disturbance, run_fit
 
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -94,3 +101,50 @@ def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local,
     assert caplog.messages[0].startswith("waiting for 6 CPUs for 1 stats actor(s); the cluster has ")
     with pytest.raises(ray.exceptions.RayActorError):  # the waiting actor was removed, not left queued
         ray.get(created[0].__ray_ready__.remote(), timeout=60)
+
+
+class CheckpointFolderBreaker(Disturbance):
+    """Replaces the checkpoint folder by a file once the first checkpoint is saved: every later save fails."""
+
+    def act(self, file) -> bool:
+        folder = Path(self.checkpoints.path.path)
+        shutil.rmtree(folder)
+        folder.write_bytes(b"")
+        return True
+
+
+def test_failed_checkpoint_saves_are_reported_on_the_driver_and_counted(ray_local, tmp_path, caplog):
+    cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
+    folder = tmp_path / "checkpoints"
+    with caplog.at_level(logging.WARNING, logger="padim_ray.runtime"):
+        accumulated, _, _ = run_fit(cluster, folder, CheckpointFolderBreaker(folder))  # completes: every frame once
+    reported = [r.message for r in caplog.records if r.name == "padim_ray.runtime" and "cannot write checkpoint" in r.message]
+    assert reported and len(reported) == accumulated.warnings  # one line per failed save, all counted
+    assert all("\n" not in message and "retrying in 0 s" in message for message in reported)
+
+
+def test_two_fits_and_a_score_started_together_each_finish_on_their_own_ray(small_model, stc_root, tmp_path):
+    """Each command starts its own Ray (none joins another's and takes the CPUs its decoding needs):
+    all finish, each equal to the same work done alone."""
+    clip = stc_root / "testing" / "frames" / "01_0001"
+    commands = {
+        "fit videos": ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(tmp_path / "a"), *SMALL_FIT_OPTIONS],
+        "fit stc": ["fit", "stc", "--scene", "01", "--root", str(stc_root), "--out", str(tmp_path / "b"), *SMALL_FIT_OPTIONS],
+        "score": ["score", str(small_model), str(clip), "--out", str(tmp_path / "maps"), *SMALL_OPTIONS, "--map-size", "model", "--map-dtype", "float32"],
+    }
+    env = cli_env(tmp_path)
+    running = {name: subprocess.Popen([str(BIN / "padim-ray"), *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, arguments in commands.items()}
+    for name, command in running.items():
+        stdout, stderr = command.communicate(timeout=600)
+        assert command.returncode == 0, f"{name}: {stderr[-3000:]}"
+        assert "Started a local Ray instance" in stderr, name  # its own, not another command's
+    reference = open_model(small_model)
+    for name in ("a", "b"):
+        model = open_model(tmp_path / name)
+        assert model.attrs["frames"] == reference.attrs["frames"] == 60
+        for array in ("mean", "m2", "covariance"):
+            assert relative_error(model.read(array), reference.read(array)) <= 1e-12, (name, array)
+    frames = np.stack([f for _, f in iter_unit_frames(WorkUnit(0, str(clip)), size=64)])
+    stored = zarr.open_group(str(tmp_path / "maps" / "maps.zarr"), mode="r")["01_0001"][:]
+    assert relative_error(stored, Scorer(small_model).maps(frames, (64, 64)).numpy()) <= 1e-4
