@@ -51,7 +51,7 @@ def handle_stop_signals() -> None:
 
     ray.init installs its own SIGTERM handlers (a driver's sys.exit, and a local head node's that kills
     its Ray processes under the running driver, which then aborts with a C++ stack dump); connect()
-    puts these back after it.
+    puts ours back after it.
     """
     _STOP_SIGNALS["handle"] = True
     _install_stop_handlers()
@@ -96,8 +96,8 @@ def _start_local() -> None:
     finds it in no address file. Without the dashboard, whose agent sampling every process cost ~20%
     of a 2-core machine's fit throughput; for the dashboard, `ray start --head` and pass --address."""
     temp_dir = tempfile.mkdtemp(prefix="padim-ray-", dir=LOCAL_TEMP_ROOT if os.path.isdir(LOCAL_TEMP_ROOT) else None)
+    atexit.register(_remove_local, temp_dir)  # also when ray.init fails (e.g. a node start timed out)
     ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"], _temp_dir=temp_dir)
-    atexit.register(_remove_local, temp_dir)  # runs before ray's own atexit shutdown (registered earlier)
     _STARTED_HERE["local"] = True
 
 

@@ -85,6 +85,25 @@ class Idle:
     """An actor that only reserves what it is given."""
 
 
+def test_sighup_ends_a_command_in_one_line_with_129():
+    """SIGHUP (a closed terminal) ends a command as SIGTERM does, with its own exit code; no Ray needed."""
+    script = (
+        "import os, signal, typer\n"
+        "from padim_ray.cli import _one_line_errors\n"
+        "from padim_ray.runtime import handle_stop_signals\n"
+        "handle_stop_signals()\n"
+        "try:\n"
+        "    with _one_line_errors():\n"
+        "        os.kill(os.getpid(), signal.SIGHUP)\n"
+        "        signal.pause()\n"
+        "except typer.Exit as done:\n"
+        "    raise SystemExit(done.exit_code)\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 129, ended.stderr[-3000:]
+    assert ended.stderr.strip().splitlines() == ["error: terminated by SIGHUP"]
+
+
 def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local, caplog):
     """On a cluster whose free CPUs cannot hold the actors, say what is awaited at once, then fail after --resource-wait."""
     plan = [ActorSpec(num_cpus=LOCAL_CPUS + 2, num_gpus=0.0, threads=1)]
