@@ -223,7 +223,7 @@ def start_actors(plan: list[ActorSpec], create: Callable[[int, ActorSpec], objec
     needed = {"CPU": sum(s.num_cpus for s in plan), "GPU": sum(s.num_gpus for s in plan)}
     free = ray.available_resources()
     short = {name: amount for name, amount in needed.items() if amount > free.get(name, 0.0)}
-    if short:
+    if short and not _STARTED_HERE["local"]:  # a private Ray's shortfall is an earlier actor still being removed
         log.warning("waiting for %s for %d %s actor(s); the cluster has %s free", _amounts(short), len(plan), role, _amounts(free, short))
     actors = [create(i, spec) for i, spec in enumerate(plan)]
     try:

@@ -17,6 +17,7 @@ import ray
 import zarr
 
 from padim_ray.config import ClusterConfig
+from padim_ray import runtime
 from padim_ray.runtime import ActorSpec, ClusterError, start_actors
 from padim_ray.score import Scorer
 from padim_ray.stc import scene_videos
@@ -104,8 +105,9 @@ def test_sighup_ends_a_command_in_one_line_with_129():
     assert ended.stderr.strip().splitlines() == ["error: terminated by SIGHUP"]
 
 
-def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local, caplog):
+def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local, caplog, monkeypatch):
     """On a cluster whose free CPUs cannot hold the actors, say what is awaited at once, then fail after --resource-wait."""
+    monkeypatch.setitem(runtime._STARTED_HERE, "local", False)  # the session's Ray, joined (an earlier test may have started one here)
     plan = [ActorSpec(num_cpus=LOCAL_CPUS + 2, num_gpus=0.0, threads=1)]
     created = []
 
