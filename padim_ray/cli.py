@@ -29,8 +29,9 @@ BatchSize = Annotated[Optional[int], typer.Option(help="Frames per forward pass 
 Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
 GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]
+ResourceWait = Annotated[float, typer.Option(help="Seconds actors may wait for room on a joined cluster whose free CPUs/GPUs other jobs hold, before the command fails.")]
 CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
-Address = Annotated[Optional[str], typer.Option(help="Ray address (running cluster, else a local one).")]
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto: any on this machine); default $RAY_ADDRESS (set inside a Ray job), else a new local Ray of this command's own.")]
 CheckpointDir = Annotated[Optional[str], typer.Option(help="Where progress is checkpointed, folder or URI (default: .OUT.checkpoint next to the output).")]
 CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
 MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
@@ -44,20 +45,21 @@ class Source(str, Enum):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages, show Ray workers' output and tracebacks.")] = False) -> None:
-    from padim_ray.runtime import show_worker_logs
+    from padim_ray.runtime import handle_stop_signals, show_worker_logs
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # storage clients log every credential lookup at INFO
         for name in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "fsspec"):
             logging.getLogger(name).setLevel(logging.WARNING)
     show_worker_logs(verbose)
+    handle_stop_signals()
     if not verbose:
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # failures are reported once, below
 
 
 @contextmanager
 def _one_line_errors():
-    """Turn any failure into one line on stderr and exit code 1 (130 when interrupted).
+    """Turn any failure into one line on stderr and exit code 1 (130 when interrupted, 143 on SIGTERM, 129 on SIGHUP).
 
     A PadimError is the whole message; anything else (a lost actor or node, a bug) is summarised in a
     line and its traceback written to a log file, or shown with --verbose.
@@ -69,8 +71,9 @@ def _one_line_errors():
         typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
-        raise typer.Exit(code=130) from None
+        message, code = _interrupted()
+        typer.echo(message, err=True)
+        raise typer.Exit(code=code) from None
     except Exception as error:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
@@ -79,6 +82,14 @@ def _one_line_errors():
         lines = str(error).strip().splitlines()
         typer.echo(f"error: {type(error).__name__}: {lines[0][:300] if lines else ''} (traceback in {log_file}; --verbose shows it)", err=True)
         raise typer.Exit(code=1) from None
+
+
+def _interrupted() -> tuple[str, int]:
+    """The last line and exit code of a run stopped by Ctrl-C (SIGINT) or a stop signal (SIGTERM, SIGHUP)."""
+    from padim_ray.runtime import stop_signal
+
+    signum = stop_signal()
+    return (f"error: terminated by {signum.name}", 128 + signum) if signum else ("error: interrupted", 130)
 
 
 def _write_traceback(error: BaseException) -> Path:
@@ -110,6 +121,7 @@ def fit(
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
+    resource_wait: ResourceWait = ClusterConfig.resource_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
     checkpoint_dir: CheckpointDir = None,
@@ -131,7 +143,7 @@ def fit(
             backbone_dtype=backbone_dtype.value,
         )
         cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         if source is Source.stc:
@@ -174,19 +186,21 @@ def _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, ad
 
 
 def _exit_interrupted_scenes() -> None:
-    """Ctrl-C during a many-scene job: its scene threads may be inside Ray calls that would keep
-    the interpreter from exiting, so the process ends at once (exit 130). A local Ray it started
-    shares its fate; a cluster's job actors end with their driver."""
+    """Ctrl-C (or a stop signal) during a many-scene job: its scene threads may be inside Ray calls
+    that would keep the interpreter from exiting, so the process ends at once (exit 130, or 128 +
+    the signal). A local Ray it started shares its fate; a cluster's job actors end with their driver."""
+    message, code = _interrupted()
     typer.echo("fit stopped: progress is kept in each scene's checkpoints; rerun the same command to resume", err=True)
-    typer.echo("error: interrupted", err=True)
+    typer.echo(message, err=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(code)
 
 
 def _echo_fit(result) -> None:
     recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
-    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered})")
+    warned = f", {result.warnings} warnings (logged above)" if result.warnings else ""
+    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered}{warned})")
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
         for skipped in result.skipped:
@@ -204,6 +218,7 @@ def update(
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
+    resource_wait: ResourceWait = ClusterConfig.resource_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     checkpoint_dir: CheckpointDir = None,
     checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
@@ -216,7 +231,7 @@ def update(
 
     with _one_line_errors():
         cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
@@ -238,6 +253,7 @@ def score(
     actors: Actors = None,
     gpus_per_actor: GpusPerActor = None,
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
+    resource_wait: ResourceWait = ClusterConfig.resource_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     address: Address = None,
 ) -> None:
@@ -245,7 +261,7 @@ def score(
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
-        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")

@@ -95,6 +95,8 @@ class ClusterConfig:
     #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
     max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
     gpu_wait: float = 900.0  # seconds to wait for the autoscaler to add GPU workers (clusters that start from zero)
+    resource_wait: float = 600.0  # seconds actors may wait to start on a joined cluster whose free CPUs/GPUs
+    #                               cannot hold them (other jobs'), before the command fails instead of waiting forever
 
     def __post_init__(self):
         require(vars(self), {
@@ -109,6 +111,7 @@ class ClusterConfig:
             "checkpoint_every": (lambda v: v >= 0, "at least 0 seconds"),
             "max_retries": (lambda v: v >= 0, "at least 0"),
             "gpu_wait": (lambda v: v >= 0, "at least 0 seconds"),
+            "resource_wait": (lambda v: v > 0, "positive (seconds)"),
         })
 
 

@@ -25,7 +25,7 @@ from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_
 from padim_ray.checkpoint import CheckpointError, Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
-    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
+    ActorSpec, Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
 from padim_ray.storage import Location, PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
@@ -64,7 +64,7 @@ class StatsActor(SplitConsumer):
             try:
                 save_checkpoint(self.checkpoint_file, self.accumulator, self.accounting)
             except CheckpointError as err:  # e.g. storage briefly unavailable: the statistics are intact, try again later
-                log.warning("stats actor: %s; retrying in %g s", err, self.checkpoint_every)
+                self.warn(f"stats actor: {err}; retrying in {self.checkpoint_every:g} s")
             self.saved_at = time.monotonic()
 
     def result(self) -> int:
@@ -121,8 +121,8 @@ class Partial:
 @dataclass
 class Accumulated:
     """What `accumulate` returns: one reduced ObjectRef per position shard, the shard bounds, the
-    accounting of every frame in them, their count, the number of stats actors lost and the ids of
-    units left out as undecodable."""
+    accounting of every frame in them, their count, the number of stats actors lost, the ids of
+    units left out as undecodable and the number of warnings the actors reported."""
 
     roots: list
     bounds: list[tuple[int, int]]
@@ -130,6 +130,7 @@ class Accumulated:
     count: int
     lost_actors: int = 0
     bad_units: set = field(default_factory=set)
+    warnings: int = 0  # failures the actors survived and reported (e.g. checkpoint saves)
 
 
 class StatsPool:
@@ -251,7 +252,7 @@ def accumulate(
         finally:
             pool.close()
     roots = [reduce_tree([refs[s] for refs in shard_refs], cluster.fan_in) for s in range(len(bounds))]
-    return Accumulated(roots, bounds, accounting, count, lost, bad)
+    return Accumulated(roots, bounds, accounting, count, lost, bad, pool.progress.warnings)
 
 
 def actor_name(checkpoint_file: Location | str | None) -> str | None:
@@ -263,12 +264,12 @@ def _start_actors(make_embedder, positions: int, dims: int, cluster: ClusterConf
     """Stats actors for the cluster as it is now, each with its own checkpoint file."""
     plan = plan_actors(cluster)
     files = [checkpoints.new_file() if checkpoints else None for _ in plan]
-    actors = [
-        StatsActor.options(**spec.options(), name=actor_name(file)).remote(
-            make_embedder, positions, dims, spec.threads, file, cluster.checkpoint_every
-        )
-        for spec, file in zip(plan, files)
-    ]
+
+    def create(i: int, spec: ActorSpec):
+        options = {**spec.options(), "name": actor_name(files[i])}
+        return StatsActor.options(**options).remote(make_embedder, positions, dims, spec.threads, files[i], cluster.checkpoint_every)
+
+    actors = start_actors(plan, create, cluster, "stats")
     log.info("fit: %d actors (%s)", len(plan), describe_plan(plan))
     return actors, files
 
@@ -294,6 +295,7 @@ class FitResult:
     seconds: float
     lost_actors: int = 0
     skipped: list[dict] = field(default_factory=list)  # inputs left out: {"path", "reason"}
+    warnings: int = 0  # failures survived on the way (each logged as it happened), e.g. checkpoint saves
 
 
 def fit_model(
@@ -407,6 +409,8 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
     started = time.monotonic()
     bad_inputs: list[tuple[str, str]] | None = [] if job.skip_bad_inputs else None
     units, estimate = make_units(expand_inputs(inputs), bad=bad_inputs)
+    for path, reason in bad_inputs or []:
+        log.warning("fit: skipping %s: %s", path, reason)
     if not units:
         raise VideoError(f"none of the inputs can be decoded ({bad_inputs[0][1] if bad_inputs else 'no inputs'})")
     identity = {**_identity(model, embedder, units), "skip_bad_inputs": job.skip_bad_inputs}
@@ -440,7 +444,7 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
         checkpoints.remove()
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, job.out)
-    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped)
+    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped, warnings=accumulated.warnings)
 
 
 @ray.remote

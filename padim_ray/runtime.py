@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -29,7 +34,10 @@ class ClusterError(PadimError):
     """The cluster cannot run the requested actors and still decode frames."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # what timeout, systemd, Kubernetes and `ray job stop` send
 _WORKER_LOGS = {"show": True}
+_STOP_SIGNALS = {"handle": False, "received": None}  # whether stop signals raise KeyboardInterrupt (the CLI), and the last one
+LOCAL_TEMP_ROOT = "/tmp"  # as Ray's own default: a long $TMPDIR would push its Unix socket paths past 107 chars
 _STARTED_HERE = {"local": False}  # whether connect() started a local Ray instance, which no autoscaler grows
 
 
@@ -38,30 +46,64 @@ def show_worker_logs(show: bool) -> None:
     _WORKER_LOGS["show"] = show
 
 
-def connect(address: str | None = None) -> None:
-    """Use Ray as already initialised, else `address`, else a running cluster, else a new local one.
+def handle_stop_signals() -> None:
+    """From now on SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, as SIGINT does (see stop_signal).
 
-    `address="local"` always starts a new local instance. A local instance started here runs
-    without the dashboard, whose agent sampling every process cost ~20% of a 2-core machine's fit
-    throughput; for the dashboard, start Ray with `ray start --head` first.
+    ray.init installs its own SIGTERM handlers (a driver's sys.exit, and a local head node's that kills
+    its Ray processes under the running driver, which then aborts with a C++ stack dump); connect()
+    puts ours back after it.
+    """
+    _STOP_SIGNALS["handle"] = True
+    _install_stop_handlers()
+
+
+def _install_stop_handlers() -> None:
+    if _STOP_SIGNALS["handle"] and threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _raise_stopped)
+
+
+def _raise_stopped(signum, frame) -> None:
+    _STOP_SIGNALS["received"] = signal.Signals(signum)  # Ray's blocking calls re-raise it as a plain KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_signal() -> signal.Signals | None:
+    """The stop signal (SIGTERM, SIGHUP) that interrupted this process, if one did."""
+    return _STOP_SIGNALS["received"]
+
+
+def connect(address: str | None = None) -> None:
+    """Use Ray as already initialised, else the cluster at `address` or $RAY_ADDRESS, else a new private local one.
+
+    A cluster is joined only when named: by --address, or by RAY_ADDRESS (which `ray job submit` sets
+    for its entrypoint, so a job's command joins its cluster). Otherwise each command starts its own
+    local instance (`address="local"` does too): never `address="auto"`, which joins any Ray on the
+    machine, e.g. another command's, whose actors then hold the CPUs its decode tasks need.
     """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         _start_local()
-    elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=_WORKER_LOGS["show"])
     else:
-        try:
-            ray.init(address="auto", log_to_driver=_WORKER_LOGS["show"])
-        except ConnectionError:
-            log.info("no running Ray cluster found: starting a local one")
-            _start_local()
+        ray.init(address=address, log_to_driver=_WORKER_LOGS["show"])
+    _install_stop_handlers()
 
 
 def _start_local() -> None:
-    ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"])
+    """A local Ray instance in its own temp dir, removed at exit: `ray.init()` of another process
+    finds it in no address file. Without the dashboard, whose agent sampling every process cost ~20%
+    of a 2-core machine's fit throughput; for the dashboard, `ray start --head` and pass --address."""
+    temp_dir = tempfile.mkdtemp(prefix="padim-ray-", dir=LOCAL_TEMP_ROOT if os.path.isdir(LOCAL_TEMP_ROOT) else None)
+    atexit.register(_remove_local, temp_dir)  # also when ray.init fails (e.g. a node start timed out)
+    ray.init(address="local", include_dashboard=False, log_to_driver=_WORKER_LOGS["show"], _temp_dir=temp_dir)
     _STARTED_HERE["local"] = True
+
+
+def _remove_local(temp_dir: str) -> None:
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -171,6 +213,40 @@ def _whole_node_actors(cluster: ClusterConfig) -> list[ActorSpec]:
     return specs
 
 
+def start_actors(plan: list[ActorSpec], create: Callable[[int, ActorSpec], object], cluster: ClusterConfig, role: str) -> list:
+    """`create(i, spec)` for each spec of `plan`, waiting until every actor has started (or failed to).
+
+    On a joined cluster whose free resources cannot hold the actors (other jobs hold them), it says
+    so at once, and after `cluster.resource_wait` seconds removes the actors and raises ClusterError
+    instead of waiting forever.
+    """
+    needed = {"CPU": sum(s.num_cpus for s in plan), "GPU": sum(s.num_gpus for s in plan)}
+    free = ray.available_resources()
+    short = {name: amount for name, amount in needed.items() if amount > free.get(name, 0.0)}
+    if short and not _STARTED_HERE["local"]:  # a private Ray's shortfall is an earlier actor still being removed
+        log.warning("waiting for %s for %d %s actor(s); the cluster has %s free", _amounts(short), len(plan), role, _amounts(free, short))
+    actors = [create(i, spec) for i, spec in enumerate(plan)]
+    try:
+        _, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors), timeout=cluster.resource_wait)
+        if waiting:
+            raise ClusterError(
+                f"{len(waiting)} of {len(plan)} {role} actors found no room in {cluster.resource_wait:g} s (--resource-wait): "
+                f"they need {_amounts(needed)}, the cluster has {_amounts(ray.available_resources(), needed)} free; "
+                "wait for other jobs, or lower --actors, --cpus-per-actor or --gpus-per-actor"
+            )
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return actors
+
+
+def _amounts(resources: dict, names=None) -> str:
+    """e.g. '2 CPUs, 1 GPUs' for the nonzero (or the `names`) CPU and GPU amounts of `resources`."""
+    names = names or [name for name in ("CPU", "GPU") if resources.get(name)]
+    return ", ".join(f"{resources.get(name, 0.0):g} {name}s" for name in names) or "nothing"
+
+
 def describe_plan(plan: list[ActorSpec]) -> str:
     """e.g. '1 x (1 CPU, 0 GPU, 2 threads)', for logs."""
     kinds = collections.Counter(f"{s.num_cpus:g} CPU, {s.num_gpus:g} GPU, {s.threads} threads" for s in plan)
@@ -215,6 +291,7 @@ class SplitConsumer:
         self.accounting = Accounting()
         self.stopping = False
         self.stream = None  # which stream_to_actors call the split in hand belongs to
+        self.warnings: list[str] = []  # not yet reported to the driver (see progress)
 
     def consume(self, split, batch_size: int | None, stream: str | None = None, credits=None):
         """Process every batch of `split` (until `stop(stream)`), giving its rows back to `credits`
@@ -245,9 +322,17 @@ class SplitConsumer:
     def batch_done(self) -> None:
         """Called after each batch is processed and counted (e.g. to checkpoint)."""
 
-    def progress(self) -> int:
-        """Frames processed so far (answered while consume runs: actors need max_concurrency=2)."""
-        return self.accounting.count
+    def warn(self, message: str) -> None:
+        """A failure this actor survived (e.g. a checkpoint save), for the driver's terminal: worker logs
+        reach it only with --verbose."""
+        log.warning(message)
+        self.warnings.append(message)
+
+    def progress(self) -> tuple[int, list[str]]:
+        """Frames processed so far and the warnings since the last call (answered while consume runs:
+        actors need max_concurrency=2)."""
+        warnings, self.warnings = self.warnings, []
+        return self.accounting.count, warnings
 
     def stop(self, stream: str) -> None:
         """Make consume of `stream` return after the batch in hand (another actor of it was lost)."""
@@ -269,17 +354,23 @@ class Progress:
             self.bar.total = (self.bar.total or 0) + total
         self.held = 0  # frames outside the live actors: checkpoints of lost actors, earlier runs, a stored model
         self.shown = 0  # what this run has added to the bar
+        self.warnings = 0  # actors' warnings logged here, as they came
 
     def poll(self, actors: list) -> None:
-        """Update from the actors that answer within a second (a lost one may never answer)."""
+        """Update from the actors that answer within a second (a lost one may never answer), and log
+        the warnings they report, one line each."""
         refs = [actor.progress.remote() for actor in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
         counts = []
         for ref in ready:
             try:
-                counts.append(ray.get(ref))
+                count, warnings = ray.get(ref)
             except ray.exceptions.RayError:
-                pass
+                continue
+            counts.append(count)
+            for message in warnings:
+                log.warning(message)
+            self.warnings += len(warnings)
         now = self.held + sum(counts)
         self.bar.update(now - self.shown)
         self.shown = now

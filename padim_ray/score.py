@@ -21,7 +21,7 @@ from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
 from padim_ray.runtime import (
-    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, stream_to_actors, user_errors,
+    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
 from padim_ray.storage import Location, staged_store
 from padim_ray.store import (
@@ -172,7 +172,7 @@ def score_inputs(
         size_in = store.attrs["image_size"]
         plan = plan_actors(cluster)
         args = (store.path, score, pending.root, targets)
-        actors = [ScoreActor.options(**spec.options()).remote(*args, spec.threads) for spec in plan]
+        actors = start_actors(plan, lambda _, spec: ScoreActor.options(**spec.options()).remote(*args, spec.threads), cluster, "score")
         log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
         progress = Progress(estimate, "score")
         try:

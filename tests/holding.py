@@ -6,8 +6,8 @@ ends; on a fast small fit the remaining batches, the model write and the checkpo
 its second batch until a release file exists: the checkpoint is on disk and the fit cannot end
 until the test has acted and released it. Nothing here is a timing to win.
 
-Run as a script, this is `padim-ray` whose real embedder holds so (the file named by
-$PADIM_TEST_RELEASE), for tests that stop the command itself.
+Run as a script, this is `padim-ray` whose real embedder (fit's and score's) holds so (the file
+named by $PADIM_TEST_RELEASE), for tests that stop the command itself.
 """
 
 from __future__ import annotations
@@ -28,10 +28,18 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers canno
 
 
 def hold(batches_done: int, release: str) -> None:
-    """Before an actor's second batch (its first checkpoint saved), wait until `release` exists."""
+    """Before an actor's second batch (its first checkpoint saved), wait until `release` exists;
+    `held_marker(release)` exists from then on, for tests that wait for an actor to be held."""
     deadline = time.monotonic() + HOLD_LIMIT
+    if batches_done >= 1 and not os.path.exists(release):
+        Path(held_marker(release)).touch()
     while batches_done >= 1 and not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def held_marker(release: str | Path) -> str:
+    """The file an actor creates when it starts holding for `release`."""
+    return f"{release}.held"
 
 
 def held_identity_embedder(release: Path):
@@ -66,9 +74,26 @@ class HeldEmbedder(Embedder):
         return super().forward(frames)
 
 
+def held_score_actor():
+    """score's actor, held after its first batch until the file named by $PADIM_TEST_RELEASE exists."""
+    import ray
+
+    from padim_ray.score import ScoreActor
+
+    class HeldScoreActor(ScoreActor.__ray_metadata__.modified_class):
+        def process(self, batch):
+            hold(getattr(self, "batches", 0), os.environ[RELEASE_ENV])
+            self.batches = getattr(self, "batches", 0) + 1
+            super().process(batch)
+
+    return ray.remote(max_concurrency=2)(HeldScoreActor)
+
+
 if __name__ == "__main__":
     import padim_ray.fit
+    import padim_ray.score
     from padim_ray.cli import app
 
     padim_ray.fit.Embedder = HeldEmbedder
+    padim_ray.score.ScoreActor = held_score_actor()
     app()
