@@ -12,6 +12,7 @@ last (`begin_store` / `commit_store`): readers see either no group or a complete
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import posixpath
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "file": "file"}  # accepted URI schemes -> fsspec protocol
 ROOT_METADATA = "zarr.json"
 WRITING_MARKER = ".padim-writing"  # holds the token of the run writing a store on object storage
+RESUME_FILE = ".padim-resume.json"  # identity of a resumable run, in its staging store (see begin_store)
+PROGRESS_FOLDER = ".padim-progress"  # the finished work a resumable run keeps in its staging store if it stops
 REMOTE_OPTIONS = {"use_listings_cache": False}  # other processes (Ray workers) write: never trust a cached listing
 
 
@@ -304,6 +307,7 @@ class PendingStore:
     token: str
     overwrite: bool
     group: str = ""  # the zarr group inside the store whose root metadata commits it ("" = the store itself)
+    resumable: bool = False  # a stopped run's finished work (under `progress`) is kept for a rerun (see begin_store)
 
     @property
     def root(self) -> Location:
@@ -314,21 +318,49 @@ class PendingStore:
         """A store for one array `name` of the committing group."""
         return (self.root / name).zarr_store(read_only)
 
+    @property
+    def progress(self) -> Location:
+        """Where a resumable run records the work it has finished (removed at commit)."""
+        return self.staging / PROGRESS_FOLDER
 
-def begin_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> PendingStore:
+
+def begin_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "", resume: dict | None = None) -> PendingStore:
     """Check `target` before any work and return where to write the store.
 
     `group` names the zarr group inside `target` whose root metadata is written last (a map store's
     `maps.zarr`; "" for a model store, which is a group itself). A complete store is refused unless
     `overwrite`; leftovers of a failed run are removed. On object storage, overwriting deletes the
-    old root first, then the rest.
+    old root first, then the rest. With `resume` (this run's identity, JSON), the staging store a
+    stopped run of the same identity kept is reused as it is; one of another identity is a leftover.
     """
     target = Location(target)
     token = uuid.uuid4().hex
     if target.is_remote:
-        _begin_remote(target, token, overwrite, group)
-        return PendingStore(target, target, token, overwrite, group)
-    return PendingStore(target, _begin_local(target, token, overwrite), token, overwrite, group)
+        staging, kept = target, _begin_remote(target, token, overwrite, group, resume)
+    else:
+        staging, kept = _begin_local(target, token, overwrite, resume)
+    if resume is not None and not kept:
+        (staging / RESUME_FILE).write_bytes(json.dumps(resume).encode())
+    return PendingStore(target, staging, token, overwrite, group, resume is not None)
+
+
+def _resumes(staging: Location, resume: dict | None) -> bool:
+    """Whether `staging` holds the kept work of a run whose identity is `resume`."""
+    file = staging / RESUME_FILE
+    if resume is None or not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_bytes()) == json.loads(json.dumps(resume))  # as JSON reads back (tuples are lists)
+    except ValueError:  # cut short by a kill
+        return False
+
+
+def holds_progress(pending: PendingStore) -> bool:
+    """Whether a resumable run has recorded finished work in its staging store."""
+    try:
+        return pending.resumable and pending.progress.is_dir() and bool(pending.progress.iterdir())
+    except StorageError:
+        return False
 
 
 def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
@@ -337,7 +369,8 @@ def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
     return ((target / group if group else target) / ROOT_METADATA).exists()
 
 
-def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> None:
+def _begin_remote(target: Location, token: str, overwrite: bool, group: str, resume: dict | None) -> bool:
+    """Claim `target` for this run; returns whether a stopped run's kept work there is reused."""
     if "/" not in target.path:
         raise StorageError(f"{target}: a store needs a path inside the bucket, e.g. {target}/model.zarr")
     root, marker = (target / group if group else target) / ROOT_METADATA, target / WRITING_MARKER
@@ -348,26 +381,35 @@ def _begin_remote(target: Location, token: str, overwrite: bool, group: str) -> 
         contents = [p for p in target.fs.find(target.path) if p != marker.path]
     if contents and not complete and not marker.exists():
         raise StorageError(f"{target}: holds files that are not a padim-ray store; choose another --out or remove them")
+    kept = not complete and _resumes(target, resume)
     marker.write_bytes(token.encode())  # also proves, before any work, that the bucket exists and is writable
+    if kept:
+        return True
     root.remove()  # first, so that readers stop seeing the old store as complete
     with storage_errors(target):
         leftovers = [p for p in target.fs.find(target.path) if p != marker.path]
         if leftovers:
             target.fs.rm(leftovers)
+    return False
 
 
-def _begin_local(target: Location, token: str, overwrite: bool) -> Location:
+def _begin_local(target: Location, token: str, overwrite: bool, resume: dict | None) -> tuple[Location, bool]:
+    """The staging folder for `target`, and whether it is a stopped run's kept one (reused)."""
     if target.exists() and not overwrite:
         raise StorageError(f"output {target} already exists; pass --overwrite or choose another --out")
     make_parent_folders(target)
     parent = target.parent
-    remove_staging_leftovers(parent, target.name)
+    pattern = posixpath.join(parent.path, f".{target.name}.partial-*")
+    kept = next((s for s in map(Location, sorted(parent.fs.glob(pattern))) if _resumes(s, resume)), None)
+    remove_staging_leftovers(parent, target.name, keep=kept)
+    if kept:
+        return kept, True
     staging = parent / f".{target.name}.partial-{token[:8]}"
     try:
         os.mkdir(staging.path)
     except OSError as err:
         raise StorageError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
-    return staging
+    return staging, False
 
 
 def make_parent_folders(target: Location | str | os.PathLike, option: str = "--out") -> None:
@@ -403,11 +445,13 @@ def _ancestors(path: str) -> list[str]:
     return chain[::-1]
 
 
-def remove_staging_leftovers(parent: Location, name: str) -> None:
-    """Remove the hidden `.NAME.partial-*` / `.NAME.old-*` folders of a local run killed before cleaning up."""
+def remove_staging_leftovers(parent: Location, name: str, keep: Location | None = None) -> None:
+    """Remove the hidden `.NAME.partial-*` / `.NAME.old-*` folders of a local run killed before cleaning up
+    (but `keep`, a staging folder being resumed)."""
     for pattern in (f".{name}.partial-*", f".{name}.old-*"):
         for leftover in parent.fs.glob(posixpath.join(parent.path, pattern)):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if keep is None or Location(leftover) != keep:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def commit_store(pending: PendingStore, attributes: dict) -> None:
@@ -418,9 +462,11 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
             marker = target / WRITING_MARKER
             if marker.read_bytes().decode() != pending.token:
                 raise StorageError(f"{target}: another run took over this store while it was written; rerun one at a time")
+            _drop_progress(pending)
             _write_root(pending.root, attributes)
             marker.remove()
             return
+        _drop_progress(pending)
         _write_root(pending.root, attributes)
         if os.path.lexists(target.path):
             if not pending.overwrite:
@@ -431,6 +477,13 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
             shutil.rmtree(trash.path, ignore_errors=True)
         else:
             os.replace(pending.staging.path, target.path)
+
+
+def _drop_progress(pending: PendingStore) -> None:
+    """Remove a resumable run's bookkeeping: its finished work is in the store by now."""
+    if pending.resumable:
+        pending.progress.remove_tree()
+        (pending.staging / RESUME_FILE).remove()
 
 
 def _write_root(where: Location, attributes: dict) -> None:
@@ -451,10 +504,12 @@ def abort_store(pending: PendingStore) -> None:
 
 
 @contextmanager
-def staged_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "") -> Iterator[PendingStore]:
-    """begin_store, and abort_store after the block (a no-op once the block has called commit_store)."""
-    pending = begin_store(target, overwrite, group)
+def staged_store(target: Location | str | os.PathLike, overwrite: bool, group: str = "", resume: dict | None = None) -> Iterator[PendingStore]:
+    """begin_store, and abort_store after the block (a no-op once the block has called commit_store),
+    unless a resumable run stopped with finished work: that staging store is kept for its rerun."""
+    pending = begin_store(target, overwrite, group, resume)
     try:
         yield pending
     finally:
-        abort_store(pending)
+        if not holds_progress(pending):
+            abort_store(pending)
