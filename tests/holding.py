@@ -1,4 +1,4 @@
-"""Stats actors held after their first checkpoint until the test releases them.
+"""Stats actors held after their first checkpoint (scoring actors after their first chunk) until the test releases them.
 
 A test that kills an actor or stops the driver once a checkpoint appears must act before the fit
 ends; on a fast small fit the remaining batches, the model write and the checkpoints' removal took
@@ -6,7 +6,7 @@ ends; on a fast small fit the remaining batches, the model write and the checkpo
 its second batch until a release file exists: the checkpoint is on disk and the fit cannot end
 until the test has acted and released it. Nothing here is a timing to win.
 
-Run as a script, this is `padim-ray` whose real embedder holds so (the file named by
+Run as a script, this is `padim-ray` whose real embedder and scorer hold so (the file named by
 $PADIM_TEST_RELEASE), for tests that stop the command itself.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from ray import cloudpickle
 
 from padim_ray.embedding import Embedder
+from padim_ray.score import Scorer
 
 RELEASE_ENV = "PADIM_TEST_RELEASE"
 HOLD_LIMIT = 300  # seconds: a test that never releases fails on its own assertions, it does not hang
@@ -66,9 +67,25 @@ class HeldEmbedder(Embedder):
         return super().forward(frames)
 
 
+class HeldScorer(Scorer):
+    """The real scorer, held after its first batch (which completes at least one map chunk when the
+    batch size is the chunk length or more) until `release` (default: $PADIM_TEST_RELEASE) exists."""
+
+    def __init__(self, *args, release: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release, self.batches = release or os.environ[RELEASE_ENV], 0
+
+    def maps(self, frames, size):
+        hold(self.batches, self.release)
+        self.batches += 1
+        return super().maps(frames, size)
+
+
 if __name__ == "__main__":
     import padim_ray.fit
+    import padim_ray.score
     from padim_ray.cli import app
 
     padim_ray.fit.Embedder = HeldEmbedder
+    padim_ray.score.Scorer = HeldScorer
     app()
