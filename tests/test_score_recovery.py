@@ -32,6 +32,7 @@ from padim_ray.config import ClusterConfig, ScoreConfig
 from padim_ray.evaluate import evaluate_stc
 from padim_ray.score import score_inputs
 from padim_ray.stc import test_clips
+from padim_ray.storage import commit_store, holds_progress, staged_store
 from padim_ray.store import read_scores
 from conftest import relative_error, start_local_ray
 from holding import RELEASE_ENV, HeldScorer
@@ -153,3 +154,21 @@ def test_evaluate_rerun_reuses_scored_scenes(ray_local, small_model, stc_root, t
     assert f"{out / 'maps_01'} already holds these clips scored by {small_model}: reusing them" in caplog.text
     assert root_metadata.stat().st_mtime_ns == written  # not scored again
     assert report.pooled.frames == 12 and (out / "scene_01" / "metrics.json").is_file()
+
+
+def test_a_stopped_runs_progress_is_kept_for_the_same_run_only(where):
+    """The staging store of a resumable run that stopped with progress is reused by the same run and
+    removed as a leftover by another (local folders and a bucket prefix alike)."""
+    target = where / "maps"
+    with pytest.raises(RuntimeError), staged_store(target, overwrite=False, resume={"run": 1}) as stopped:
+        (stopped.progress / "0-0.npz").write_bytes(b"rows")
+        raise RuntimeError("killed")
+    with staged_store(target, overwrite=False, resume={"run": 1}) as again:
+        assert again.staging == stopped.staging and (again.progress / "0-0.npz").read_bytes() == b"rows"
+    assert (again.progress / "0-0.npz").is_file()  # ended without a commit: kept again
+    with staged_store(target, overwrite=False, resume={"run": 2}) as other:
+        assert not holds_progress(other)
+        commit_store(other, {"run": 2})
+    assert dict(zarr.open_group(target.zarr_store(read_only=True), mode="r").attrs) == {"run": 2}
+    assert sorted(child.name for child in target.iterdir()) == ["zarr.json"]  # no progress, no resume file
+    assert [child.name for child in where.iterdir()] == ["maps"]  # no staging left
