@@ -180,9 +180,10 @@ def score_inputs(
 
 
 def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConfig, pending: PendingStore, progress: Progress, address) -> int:
-    """Score the frames of `units` not yet recorded in `pending`'s progress, in passes: when actors are
-    lost, their unfinished chunks are redone on the others (or on new actors if none is left), up to
-    `cluster.max_retries` lost actors. Returns how many were lost."""
+    """Score the frames of `units` not yet recorded in `pending`'s progress, in passes while passes
+    record more: when actors are lost, their unfinished chunks are redone on the others (or on new
+    actors if none is left), up to `cluster.max_retries` lost actors; a chunk whose blocks went to
+    two actors (Ray Data may cut a block) is dropped by both and redone. Returns how many were lost."""
     connect(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
     # decode blocks start on chunk boundaries (units do, and recorded frames are whole chunks),
@@ -190,14 +191,15 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
     block_rows = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
     size_in = store.attrs["image_size"]
     make_scorer = functools.partial(Scorer, store.path, score)
-    actors, lost, clean = [], 0, False
+    actors, lost, recorded = [], 0, -1
     try:
         while True:
             done = _accounting(read_progress(pending))
             progress.held = done.count
             todo = done.unfinished(units)
-            if not todo or clean:
-                return lost  # done, or frames are missing that the caller's accounting check names
+            if not todo or done.count == recorded:
+                return lost  # done, or a pass recorded nothing: the caller's accounting check names what is missing
+            recorded = done.count
             todo_units = [u for u in units if u.uid in todo]
             skip = {uid: used for uid, used in todo.items() if len(used)}
             if not actors:
@@ -207,7 +209,6 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
             )
             raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
             dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
-            clean = not dead
             if dead:
                 lost += len(dead)
                 cause = first_line(outcomes[dead[0]])
@@ -216,11 +217,9 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
                     ray.kill(actors[i])
                 actors = [actor for i, actor in enumerate(actors) if i not in dead]
                 if lost > cluster.max_retries:
-                    raise ScoreLostError(
-                        f"{lost} scoring actors were lost, more than --max-retries {cluster.max_retries} ({cause}); "
-                        f"{_accounting(read_progress(pending)).count} frames are scored and kept in {pending.staging}: "
-                        "rerun the same command to resume"
-                    )
+                    scored = _accounting(read_progress(pending)).count
+                    kept = f"the {scored} frames scored are kept in {pending.staging}: rerun the same command to resume" if scored else "no frame was scored"
+                    raise ScoreLostError(f"{lost} scoring actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {kept}")
     finally:
         progress.close()
         for actor in actors:

@@ -126,6 +126,7 @@ def create_map_arrays(pending: PendingStore, dtype: str, chunk_frames: int, arra
             zarr.create_array(
                 pending.array_store(input_id), shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
                 compressors=[MAP_COMPRESSOR], attributes=array_attributes, zarr_format=3,
+                overwrite=True,  # one a run stopped before recording any chunk left (see score_inputs)
             )
 
 
@@ -143,9 +144,10 @@ class MapChunkWriter:
     work that a redo after a lost actor, or a rerun after a stopped one, keeps.
 
     Many writers share a store; zarr read-modify-writes chunks, so each chunk must have one writer:
-    decode blocks hold whole chunks, and a chunk is written once all its frames are in (or its input
-    ended). A chunk still incomplete when a split ends (the actor was stopped) is dropped, and redone.
-    A chunk's rows file has one name whoever writes it: a chunk is never recorded twice.
+    decode blocks hold whole chunks, and a chunk is written once all its frames are in (up to its
+    unit's last frame, in whatever order they came). A chunk still incomplete when a split ends (the
+    actor was stopped, or Ray Data cut a block between actors) is dropped, and redone. A chunk's rows
+    file has one name whoever writes it: a chunk is never recorded twice.
     """
 
     def __init__(self, pending: PendingStore, chunk_frames: int):
@@ -153,6 +155,7 @@ class MapChunkWriter:
         self.chunk_frames = chunk_frames
         self.arrays: dict[str, zarr.Array] = {}
         self.buffered: dict[tuple[str, int], dict[int, tuple[np.ndarray, tuple]]] = {}
+        self.ends: dict[tuple[str, int], int] = {}  # chunk -> the index of its unit's last frame, in the chunk
 
     def add(self, input_id: str, row: tuple, anomaly_map: np.ndarray) -> None:
         """Buffer one frame's map (in the store's dtype) and its row (values of ROW_COLUMNS)."""
@@ -167,11 +170,19 @@ class MapChunkWriter:
         key = (input_id, index // self.chunk_frames)
         frames = self.buffered.setdefault(key, {})
         frames[index] = (anomaly_map, row)
-        if len(frames) == self.chunk_frames or row[2] != NOT_LAST:  # full, or the unit's last frame
+        if row[2] != NOT_LAST:  # the unit's last frame: its chunk ends here
+            self.ends[key] = index
+        if len(frames) == self._frames_in(key):  # complete (its frames may arrive in any order: blocks do)
             self._write(key)
+
+    def _frames_in(self, key: tuple[str, int]) -> int:
+        """Frames of chunk `key`: a full chunk, or those up to its unit's last frame."""
+        end = self.ends.get(key)
+        return self.chunk_frames if end is None else end - key[1] * self.chunk_frames + 1
 
     def _write(self, key: tuple[str, int]) -> None:
         frames = self.buffered.pop(key)
+        self.ends.pop(key, None)
         indices = sorted(frames)
         with storage_errors(self.pending.root):
             self.arrays[key[0]][indices[0] : indices[-1] + 1] = np.stack([frames[i][0] for i in indices])
@@ -184,6 +195,7 @@ class MapChunkWriter:
     def drop_incomplete(self) -> None:
         """Forget the chunks still buffered (a split cut short): their frames are redone."""
         self.buffered.clear()
+        self.ends.clear()
 
 
 def _replace_file(file: Location, data: bytes) -> None:
