@@ -31,7 +31,7 @@ import padim_ray.score
 from padim_ray.config import ClusterConfig, ScoreConfig
 from padim_ray.evaluate import evaluate_stc
 from padim_ray.score import score_inputs
-from padim_ray.stc import test_clips
+from padim_ray import stc
 from padim_ray.storage import commit_store, holds_progress, staged_store
 from padim_ray.store import read_scores
 from conftest import relative_error, start_local_ray
@@ -146,7 +146,7 @@ def test_evaluate_rerun_reuses_scored_scenes(ray_local, small_model, stc_root, t
     """A scene scored by an evaluate that was then stopped is evaluated from its maps, not scored again."""
     out = tmp_path / "evaluation"
     cluster = ClusterConfig(actors=1, cpus_per_actor=0.5)
-    score_inputs(small_model, test_clips(stc_root, "01"), out / "maps_01", cluster=cluster)  # what evaluate scored first
+    score_inputs(small_model, stc.test_clips(stc_root, "01"), out / "maps_01", cluster=cluster)  # what evaluate scored first
     root_metadata = out / "maps_01" / "maps.zarr" / "zarr.json"
     written = root_metadata.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="padim_ray.evaluate"):
