@@ -255,16 +255,25 @@ def score(
     gpu_wait: GpuWait = ClusterConfig.gpu_wait,
     resource_wait: ResourceWait = ClusterConfig.resource_wait,
     cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    max_retries: Annotated[int, typer.Option(help="Scoring actors that may be lost before scoring stops (rerun to resume).")] = ClusterConfig.max_retries,
     address: Address = None,
 ) -> None:
-    """Score videos into anomaly-map sequences and per-frame scores."""
+    """Score videos into anomaly-map sequences and per-frame scores.
+
+    Rerunning an interrupted score resumes it: the chunks it finished are kept.
+    """
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
-        cluster = ClusterConfig(actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+        cluster = ClusterConfig(
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor,
+            batch_size=batch_size, max_retries=max_retries,
+        )
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
-    typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s)")
+    resumed = f", {result.resumed_frames} kept from the stopped run" if result.resumed_frames else ""
+    recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
+    typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s{resumed}{recovered})")
 
 
 @app.command()

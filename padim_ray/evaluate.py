@@ -130,12 +130,12 @@ def evaluate_stc(
     model: str | None = None,
     score_kwargs: dict | None = None,
 ) -> list[SceneReport]:
-    """Evaluate one scene, a list (`"01,04"`), or every scene with a model (`"all"`), scoring first when `model` is given.
+    """Evaluate one scene, a list (`"01,04"`), or every scene with a model (`"all"`), scoring first when `model` is given
+    (scenes whose maps that model scored before are reused: a rerun after a stop resumes scene by scene).
 
     `maps` and `model` may contain `{scene}`, e.g. `models/stc_{scene}_resnet18`. Writes one folder of
     metrics and plots per scene and a `metrics.json` of all scenes under `out`.
     """
-    from padim_ray.score import score_inputs
     from padim_ray.stc import scene_path, select_scenes, test_scenes
 
     if maps is None and model is None:
@@ -158,9 +158,20 @@ def evaluate_stc(
     for s in scenes:
         maps_path = maps_paths[s]
         if model is not None:
-            score_inputs(scene_path(model, s), test_clips(root, s), maps_path, **(score_kwargs or {}))
+            _score_scene(scene_path(model, s), test_clips(root, s), maps_path, score_kwargs or {})
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")
         reports.append(report)
     (out / "metrics.json").write_bytes(json.dumps([r.to_json() for r in reports], indent=2).encode())
     return reports
+
+
+def _score_scene(model: str, clips: list, maps_path: Location, score_kwargs: dict) -> None:
+    """Score a scene's test clips into `maps_path`, unless `model` scored exactly these there before."""
+    from padim_ray.config import ScoreConfig
+    from padim_ray.score import score_inputs, scored_with
+
+    if scored_with(maps_path, model, clips, score_kwargs.get("score", ScoreConfig())):
+        log.info("evaluate: %s already holds these clips scored by %s: reusing them", maps_path, model)
+        return
+    score_inputs(model, clips, maps_path, **score_kwargs)

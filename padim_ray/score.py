@@ -7,28 +7,31 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
 import torch
 
-from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ModelConfig, ScoreConfig
+from padim_ray.config import MAPS_FORMAT_VERSION, MAX_FRAME_SIDE, ClusterConfig, ConfigError, ModelConfig, ScoreConfig
 from padim_ray.embedding import Embedder
+from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
-from padim_ray.storage import Location, staged_store
+from padim_ray.storage import Location, PendingStore, holds_progress, is_committed, staged_store
 from padim_ray.store import (
-    MAP_STORE, MapChunkWriter, MapTarget, check_chunk_owners, create_map_arrays, open_model, publish_maps,
-    trim_map_arrays, write_scores,
+    MAP_STORE, MAPS_GROUP, MapChunkWriter, MapTarget, create_map_arrays, open_maps, open_model, publish_maps, read_progress,
+    read_scores, trim_map_arrays, write_scores,
 )
-from padim_ray.video import FRAMES_PER_FOLDER_UNIT, NOT_LAST, VIDEO_SUFFIXES, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, frames_dataset, make_units
 
 log = logging.getLogger(__name__)
 SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
@@ -59,40 +62,43 @@ class Scorer:
         return anomaly_maps(self.distances(frames), size, self.kernel, self.blur_size)
 
 
+# (device) -> Scorer; picklable, built once inside each actor
+ScorerFactory = Callable[[torch.device], Scorer]
+
+
 @ray.remote(max_concurrency=2)  # one thread consumes, one answers progress()
 class ScoreActor(SplitConsumer):
-    """Scores its split of the frame stream and writes the maps into its own chunks of the map store.
+    """Scores its split of the frame stream and writes the maps into its own chunks of the map store,
+    each chunk's per-frame rows (score and its location) beside them (MapChunkWriter)."""
 
-    Only the small per-frame rows (score and its location) go back to the driver.
-    """
-
-    def __init__(self, model_path: Location, score: ScoreConfig, maps_root: Location, targets: dict[int, MapTarget], threads: int):
+    def __init__(self, make_scorer: ScorerFactory, score: ScoreConfig, pending: PendingStore, targets: dict[int, MapTarget], threads: int):
         super().__init__(threads)
-        self.scorer = Scorer(model_path, score, self.device)
-        self.writer = MapChunkWriter(maps_root, score.chunk_frames)
+        self.scorer = make_scorer(self.device)
+        self.writer = MapChunkWriter(pending, score.chunk_frames)
         self.targets = targets
         self.map_dtype = getattr(torch, score.map_dtype)  # cast on the device: 10x cheaper than numpy's astype
-        self.rows: dict[str, list[np.ndarray]] = {column: [] for column in ("unit", "index", "score", "max_y", "max_x")}
+
+    def consume(self, *args, **kwargs):
+        self.accounting = Accounting()  # progress() counts this pass: earlier passes' frames are in the progress files
+        return super().consume(*args, **kwargs)
 
     def process(self, batch: dict) -> None:
         sizes = [self.targets[int(uid)].size for uid in batch["unit"]]
         for size in set(sizes):  # a batch may straddle inputs of different resolutions
             rows = np.array([i for i, s in enumerate(sizes) if s == size])
             maps = self.scorer.maps(batch["frame"][rows], size)  # (n, H, W) float32
-            peaks = maps.flatten(1).argmax(dim=1)
-            self.rows["score"].append(maps.flatten(1).amax(dim=1).cpu().numpy())
-            self.rows["max_y"].append((peaks // size[1]).cpu().numpy())
-            self.rows["max_x"].append((peaks % size[1]).cpu().numpy())
-            for column in ("unit", "index"):
-                self.rows[column].append(batch[column][rows])
-            for row, anomaly_map in zip(rows, maps.to(self.map_dtype).cpu().numpy()):
-                target = self.targets[int(batch["unit"][row])]
-                self.writer.add(target.input_id, int(batch["index"][row]), anomaly_map, batch["unit_total"][row] != NOT_LAST)
+            scores, peaks = (t.cpu().numpy() for t in maps.flatten(1).max(dim=1))
+            for row, anomaly_map, score, peak in zip(rows, maps.to(self.map_dtype).cpu().numpy(), scores, peaks):
+                uid = int(batch["unit"][row])
+                frame_row = (uid, int(batch["index"][row]), int(batch["unit_total"][row]), score, peak // size[1], peak % size[1])
+                self.writer.add(self.targets[uid].input_id, frame_row, anomaly_map)
 
-    def result(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int]]]:
-        """This actor's per-frame rows and the chunks it wrote."""
-        self.writer.close()
-        return {column: np.concatenate(parts) if parts else np.zeros(0) for column, parts in self.rows.items()}, self.writer.written
+    def result(self) -> None:
+        self.writer.drop_incomplete()
+
+
+class ScoreLostError(PadimError):
+    """More scoring actors were lost than --max-retries allows."""
 
 
 def parse_map_size(text: str, image_size: int) -> tuple[int, int] | None:
@@ -142,6 +148,8 @@ class ScoreResult:
     out: Location
     frames: dict[str, int]  # frames per input id
     seconds: float
+    lost_actors: int = 0
+    resumed_frames: int = 0  # frames an earlier, stopped run had scored
 
 
 def score_inputs(
@@ -154,7 +162,12 @@ def score_inputs(
     overwrite: bool = False,
     address: str | None = None,
 ) -> ScoreResult:
-    """Score every frame of `inputs` with `model`; write maps (zarr) and per-frame scores (Parquet) to `out`."""
+    """Score every frame of `inputs` with `model`; write maps (zarr) and per-frame scores (Parquet) to `out`.
+
+    Finished chunks are recorded as they are written: a lost actor's unfinished ones are redone on the
+    others (or new actors), up to `cluster.max_retries` lost actors, and a stopped run's are kept in
+    its staging store, where a rerun of the same scoring (model, inputs, options) resumes.
+    """
     started = time.monotonic()
     out = Location(out)
     store = open_model(model)
@@ -163,34 +176,117 @@ def score_inputs(
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
-    with staged_store(out, overwrite, MAP_STORE) as pending, user_errors():
-        create_map_arrays(pending, score.map_dtype, chunk, _map_arrays(units, targets))
-        connect(address)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours below counts frames
-        # decode blocks start on chunk boundaries, so every chunk is written by the one actor that got its block
-        block_rows = math.ceil(cluster.decode_batch / chunk) * chunk
-        size_in = store.attrs["image_size"]
-        plan = plan_actors(cluster)
-        args = (store.path, score, pending.root, targets)
-        actors = start_actors(plan, lambda _, spec: ScoreActor.options(**spec.options()).remote(*args, spec.threads), cluster, "score")
-        log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
-        progress = Progress(estimate, "score")
+    identity = _identity(store, score, units, targets)
+    with staged_store(out, overwrite, MAP_STORE, resume=identity) as pending, user_errors():
+        resumed = _accounting(read_progress(pending)).count
+        if resumed:
+            log.info("score: resuming with %d of %d frames already scored (%s)", resumed, estimate, pending.staging)
+        else:
+            create_map_arrays(pending, score.map_dtype, chunk, _map_arrays(units, targets))
         try:
-            outcomes = raise_first_failure(stream_to_actors(
-                lambda credits: frames_dataset(units, size_in, 1, block_rows, credits=credits), actors, cluster, block_rows, progress
-            ))
-        finally:
-            progress.close()
-            for actor in actors:
-                ray.kill(actor)
-        accounting = functools.reduce(Accounting.merge, [accounting for accounting, _ in outcomes])
+            lost = _score_units(units, targets, store, score, cluster, pending, Progress(estimate, "score"), address)
+        except BaseException:
+            if holds_progress(pending):
+                log.error("score stopped: the chunks scored are kept in %s; rerun the same command to resume", pending.staging)
+            raise
+        rows = read_progress(pending)
+        accounting = _accounting(rows)
         accounting.check(units)
-        check_chunk_owners([written for _, (_, written) in outcomes])
         frames = _frames_per_input(units, targets, accounting)
         trim_map_arrays(pending.root, frames)
-        write_scores(pending.staging, _score_table([rows for _, (rows, _) in outcomes], targets))
+        write_scores(pending.staging, _score_table(rows, targets))
         publish_maps(pending, _map_attributes(store, score))
-    return ScoreResult(out=out, frames=frames, seconds=time.monotonic() - started)
+    return ScoreResult(out, frames, time.monotonic() - started, lost, resumed)
+
+
+def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConfig, pending: PendingStore, progress: Progress, address) -> int:
+    """Score the frames of `units` not yet recorded in `pending`'s progress, in passes while passes
+    record more: when actors are lost, their unfinished chunks are redone on the others (or on new
+    actors if none is left), up to `cluster.max_retries` lost actors; a chunk whose blocks went to
+    two actors (Ray Data may cut a block) is dropped by both and redone. Returns how many were lost."""
+    connect(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
+    # decode blocks start on chunk boundaries (units do, and recorded frames are whole chunks),
+    # so every chunk is written by the one actor that got its block
+    block_rows = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
+    size_in = store.attrs["image_size"]
+    make_scorer = functools.partial(Scorer, store.path, score)
+    actors, lost, recorded = [], 0, -1
+    try:
+        while True:
+            done = _accounting(read_progress(pending))
+            progress.held = done.count
+            todo = done.unfinished(units)
+            if not todo or done.count == recorded:
+                return lost  # done, or a pass recorded nothing: the caller's accounting check names what is missing
+            recorded = done.count
+            todo_units = [u for u in units if u.uid in todo]
+            skip = {uid: used for uid, used in todo.items() if len(used)}
+            if not actors:
+                actors = _start_actors(make_scorer, score, pending, targets, cluster)
+            outcomes = stream_to_actors(
+                lambda credits: frames_dataset(todo_units, size_in, 1, block_rows, skip, credits=credits), actors, cluster, block_rows, progress
+            )
+            raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
+            dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
+            if dead:
+                lost += len(dead)
+                cause = first_line(outcomes[dead[0]])
+                log.warning("score: lost %d scoring actor(s) (%s); rescoring their unfinished chunks", len(dead), cause)
+                for i in dead:
+                    ray.kill(actors[i])
+                actors = [actor for i, actor in enumerate(actors) if i not in dead]
+                if lost > cluster.max_retries:
+                    scored = _accounting(read_progress(pending)).count
+                    kept = f"the {scored} frames scored are kept in {pending.staging}: rerun the same command to resume" if scored else "no frame was scored"
+                    raise ScoreLostError(f"{lost} scoring actors were lost, more than --max-retries {cluster.max_retries} ({cause}); {kept}")
+    finally:
+        progress.close()
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _start_actors(make_scorer: ScorerFactory, score: ScoreConfig, pending: PendingStore, targets: dict[int, MapTarget], cluster: ClusterConfig) -> list:
+    """Scoring actors for the cluster as it is now, named (`padim-ray-score-*`) for `ray.get_actor`."""
+    plan = plan_actors(cluster)
+    actors = start_actors(
+        plan,
+        lambda _, spec: ScoreActor.options(**spec.options(), name=f"padim-ray-score-{uuid.uuid4().hex[:12]}").remote(
+            make_scorer, score, pending, targets, spec.threads
+        ),
+        cluster, "score",
+    )
+    log.info("score: %d actors (%s)", len(plan), describe_plan(plan))
+    return actors
+
+
+def _identity(store, score: ScoreConfig, units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict:
+    """What makes two scorings the same: a rerun may keep the chunks a stopped one recorded."""
+    return {
+        "format_version": MAPS_FORMAT_VERSION,
+        **_map_attributes(store, score),
+        "model_sources": store.attrs["sources"],
+        "score": asdict(score),
+        "inputs": [[Location(u.path).uri, u.start, u.stop, u.frames, targets[u.uid].input_id, list(targets[u.uid].size)] for u in units],
+    }
+
+
+def _accounting(rows: dict[str, np.ndarray]) -> Accounting:
+    """The frames the progress rows hold, per work unit."""
+    accounting = Accounting()
+    accounting.add_batch(rows["unit"], rows["index"], rows["unit_total"])
+    return accounting
+
+
+def scored_with(maps: str | Path | Location, model: str | Path | Location, inputs: list, score: ScoreConfig = ScoreConfig()) -> bool:
+    """Whether `maps` is a complete map store of exactly `inputs`, scored by `model` as it is now with these settings."""
+    if not is_committed(maps, MAPS_GROUP):
+        return False
+    group = open_maps(maps)
+    ids = read_scores(maps)["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
+    sources = {group[name].attrs.get("source") for name in ids}
+    same_model = all(group.attrs.get(key) == value for key, value in _map_attributes(open_model(model), score).items())
+    return same_model and sources == {Location(path).uri for path in inputs}
 
 
 def _map_arrays(units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict[str, tuple[tuple[int, int, int], dict]]:
@@ -219,9 +315,8 @@ def _frames_per_input(units: list[WorkUnit], targets: dict[int, MapTarget], acco
     return frames
 
 
-def _score_table(parts: list[dict[str, np.ndarray]], targets: dict[int, MapTarget]) -> dict[str, list]:
+def _score_table(rows: dict[str, np.ndarray], targets: dict[int, MapTarget]) -> dict[str, list]:
     """One row per frame, ordered by input (as given) and frame."""
-    rows = {column: np.concatenate([part[column] for part in parts]) for column in parts[0]}
     order = np.lexsort((rows["index"], rows["unit"]))
     return {
         "input": [targets[int(uid)].input_id for uid in rows["unit"][order]],

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "file": "file"}  # accepted URI schemes -> fsspec protocol
 ROOT_METADATA = "zarr.json"
 WRITING_MARKER = ".padim-writing"  # holds the token of the run writing a store on object storage
+RESUME_FILE = ".padim-resume.json"  # identity of a resumable run, in its staging store (see begin_store)
+PROGRESS_FOLDER = ".padim-progress"  # the finished work a resumable run keeps in its staging store if it stops
 REMOTE_OPTIONS = {"use_listings_cache": False}  # other processes (Ray workers) write: never trust a cached listing
 
 
@@ -465,7 +467,12 @@ class PendingStore:
     token: str
     overwrite: bool
     kind: StoreKind
-    lease: Lease  # this run's right to write `target`
+    lease: Lease | None  # this run's right to write `target`; None in a copy sent to workers
+    resumable: bool = False  # a stopped run's finished work (under `progress`) is kept for a rerun (see begin_store)
+
+    def __reduce__(self):
+        # workers get where to write; the lease (an open lock file, a heartbeat thread) stays with the run
+        return PendingStore, (self.target, self.staging, self.token, self.overwrite, self.kind, None, self.resumable)
 
     @property
     def root(self) -> Location:
@@ -476,21 +483,50 @@ class PendingStore:
         """A store for one array `name` of the committing group."""
         return (self.root / name).zarr_store(read_only)
 
+    @property
+    def progress(self) -> Location:
+        """Where a resumable run records the work it has finished (removed at commit)."""
+        return self.staging / PROGRESS_FOLDER
 
-def begin_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> PendingStore:
+def begin_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind, resume: dict | None = None) -> PendingStore:
     """Check `target` before any work and return where to write a store of `kind`.
 
     An existing output is refused unless `overwrite`, and even then unless it is a complete store of
     the same `kind` (or an empty folder): --overwrite never deletes a user's files. The run takes
     the output's Lease (a second writer is refused); leftovers of a dead run are then removed. On
-    object storage, overwriting deletes the old root first, then the rest.
+    object storage, overwriting deletes the old root first, then the rest. With `resume` (this run's
+    identity, JSON), the staging store a stopped run of the same identity kept is reused as it is;
+    one of another identity is a leftover.
     """
     target = Location(target)
     token = uuid.uuid4().hex
     if target.is_remote:
-        return PendingStore(target, target, token, overwrite, kind, _begin_remote(target, token, overwrite, kind))
-    staging, lease = _begin_local(target, token, overwrite, kind)
-    return PendingStore(target, staging, token, overwrite, kind, lease)
+        lease, kept = _begin_remote(target, token, overwrite, kind, resume)
+        staging = target
+    else:
+        staging, lease, kept = _begin_local(target, token, overwrite, kind, resume)
+    if resume is not None and not kept:
+        (staging / RESUME_FILE).write_bytes(json.dumps(resume).encode())
+    return PendingStore(target, staging, token, overwrite, kind, lease, resume is not None)
+
+
+def _resumes(staging: Location, resume: dict | None) -> bool:
+    """Whether `staging` holds the kept work of a run whose identity is `resume`."""
+    file = staging / RESUME_FILE
+    if resume is None or not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_bytes()) == json.loads(json.dumps(resume))  # as JSON reads back (tuples are lists)
+    except ValueError:  # cut short by a kill
+        return False
+
+
+def holds_progress(pending: PendingStore) -> bool:
+    """Whether a resumable run has recorded finished work in its staging store."""
+    try:
+        return pending.resumable and pending.progress.is_dir() and bool(pending.progress.iterdir())
+    except StorageError:
+        return False
 
 
 def is_committed(target: Location | str | os.PathLike, group: str = "") -> bool:
@@ -526,18 +562,22 @@ def _holds_only(target: Location, kind: StoreKind) -> bool:
     return "format_version" in metadata.get("attributes", {})
 
 
-def _begin_remote(target: Location, token: str, overwrite: bool, kind: StoreKind) -> Lease:
+def _begin_remote(target: Location, token: str, overwrite: bool, kind: StoreKind, resume: dict | None) -> tuple[Lease, bool]:
+    """Claim `target` for this run: its lease, and whether a stopped run's kept work there is reused."""
     if "/" not in target.path:
         raise StorageError(f"{target}: a store needs a path inside the bucket, e.g. {target}/model.zarr")
     root, marker = kind.root(target) / ROOT_METADATA, target / WRITING_MARKER
     with storage_errors(target):
         contents = [p for p in target.fs.find(target.path) if p != marker.path]
-    if root.exists():
+    complete = root.exists()
+    if complete:
         check_replaceable(target, kind, overwrite)
-    elif contents and not marker.exists():
+    elif contents and not marker.exists() and not (target / RESUME_FILE).exists():
         raise _foreign(target, kind)
     lease = Lease(target, "--out", token)  # the marker: also proves, before any work, that the bucket is writable
     try:
+        if not complete and _resumes(target, resume):
+            return lease, True
         root.remove()  # first, so that readers stop seeing the old store as complete
         with storage_errors(target):
             leftovers = [p for p in target.fs.find(target.path) if p != marker.path]
@@ -546,23 +586,28 @@ def _begin_remote(target: Location, token: str, overwrite: bool, kind: StoreKind
     except BaseException:
         lease.release()
         raise
-    return lease
+    return lease, False
 
 
-def _begin_local(target: Location, token: str, overwrite: bool, kind: StoreKind) -> tuple[Location, Lease]:
+def _begin_local(target: Location, token: str, overwrite: bool, kind: StoreKind, resume: dict | None) -> tuple[Location, Lease, bool]:
+    """The staging folder for `target`, this run's lease, and whether the folder is a stopped run's kept one (reused)."""
     if os.path.lexists(target.path):
         check_replaceable(target, kind, overwrite)
     make_parent_folders(target)
     parent = target.parent
     lease = Lease(target, "--out", token)
+    pattern = posixpath.join(parent.path, f".{target.name}.partial-*")
+    kept = next((s for s in map(Location, sorted(parent.fs.glob(pattern))) if _resumes(s, resume)), None)
+    remove_staging_leftovers(parent, target.name, keep=kept)  # a dead run's: we hold the lease
+    if kept:
+        return kept, lease, True
     staging = parent / f".{target.name}.partial-{token[:8]}"
     try:
-        remove_staging_leftovers(parent, target.name)  # a dead run's: we hold the lease
         os.mkdir(staging.path)
     except OSError as err:
         lease.release()
         raise StorageError(f"output folder {parent} is not writable ({err.strerror}); choose another --out") from None
-    return staging, lease
+    return staging, lease, False
 
 
 def make_parent_folders(target: Location | str | os.PathLike, option: str = "--out") -> None:
@@ -598,11 +643,13 @@ def _ancestors(path: str) -> list[str]:
     return chain[::-1]
 
 
-def remove_staging_leftovers(parent: Location, name: str) -> None:
-    """Remove the hidden `.NAME.partial-*` / `.NAME.old-*` folders of a local run killed before cleaning up."""
+def remove_staging_leftovers(parent: Location, name: str, keep: Location | None = None) -> None:
+    """Remove the hidden `.NAME.partial-*` / `.NAME.old-*` folders of a local run killed before cleaning up
+    (but `keep`, a staging folder being resumed)."""
     for pattern in (f".{name}.partial-*", f".{name}.old-*"):
         for leftover in parent.fs.glob(posixpath.join(parent.path, pattern)):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if keep is None or Location(leftover) != keep:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def commit_store(pending: PendingStore, attributes: dict) -> None:
@@ -612,9 +659,11 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
         if target.is_remote:
             if not pending.lease.holds():
                 raise StorageError(f"{target}: another run took over this store while it was written; rerun one at a time")
+            _drop_progress(pending)
             _write_root(pending.root, attributes)
             pending.lease.release()
             return
+        _drop_progress(pending)
         _write_root(pending.root, attributes)
         if os.path.lexists(target.path):
             check_replaceable(target, pending.kind, pending.overwrite)  # it appeared while the store was written
@@ -625,6 +674,13 @@ def commit_store(pending: PendingStore, attributes: dict) -> None:
         else:
             os.replace(pending.staging.path, target.path)
         pending.lease.release()
+
+
+def _drop_progress(pending: PendingStore) -> None:
+    """Remove a resumable run's bookkeeping: its finished work is in the store by now."""
+    if pending.resumable:
+        pending.progress.remove_tree()
+        (pending.staging / RESUME_FILE).remove()
 
 
 def _write_root(where: Location, attributes: dict) -> None:
@@ -646,10 +702,16 @@ def abort_store(pending: PendingStore) -> None:
 
 
 @contextmanager
-def staged_store(target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind) -> Iterator[PendingStore]:
-    """begin_store, and abort_store after the block (a no-op once the block has called commit_store)."""
-    pending = begin_store(target, overwrite, kind)
+def staged_store(
+    target: Location | str | os.PathLike, overwrite: bool, kind: StoreKind, resume: dict | None = None
+) -> Iterator[PendingStore]:
+    """begin_store, and abort_store after the block (a no-op once the block has called commit_store),
+    unless a resumable run stopped with finished work: that staging store is kept for its rerun."""
+    pending = begin_store(target, overwrite, kind, resume)
     try:
         yield pending
     finally:
-        abort_store(pending)
+        if holds_progress(pending):
+            pending.lease.release()
+        else:
+            abort_store(pending)

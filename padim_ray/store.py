@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +27,7 @@ import zarr
 
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
+from padim_ray.video import NOT_LAST
 from padim_ray.storage import (
     ROOT_METADATA, WRITING_MARKER, Location, PendingStore, StoreKind, commit_store, is_committed, storage_errors,
 )
@@ -138,6 +138,7 @@ def create_map_arrays(pending: PendingStore, dtype: str, chunk_frames: int, arra
             zarr.create_array(
                 pending.array_store(input_id), shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
                 compressors=[MAP_COMPRESSOR], attributes=array_attributes, zarr_format=3,
+                overwrite=True,  # one a run stopped before recording any chunk left (see score_inputs)
             )
 
 
@@ -146,58 +147,87 @@ def publish_maps(pending: PendingStore, attributes: dict) -> None:
     commit_store(pending, {"format_version": MAPS_FORMAT_VERSION, **attributes})
 
 
-class MapChunkWriter:
-    """Writes anomaly maps into the arrays of a map store, one whole chunk per write.
+ROW_COLUMNS = {"unit": np.int64, "index": np.int64, "unit_total": np.int64, "score": np.float32, "max_y": np.int64, "max_x": np.int64}
 
-    Many writers share a store; zarr read-modify-writes chunks, so each chunk must have one writer.
-    Rows are buffered per chunk until it is full or its input ends; `written` lists the chunks this
-    writer wrote, for check_chunk_owners.
+
+class MapChunkWriter:
+    """Writes anomaly maps into the arrays of a map store, one whole chunk per write, then the chunk's
+    per-frame rows (ROW_COLUMNS) as one file in the store's progress folder: the record of finished
+    work that a redo after a lost actor, or a rerun after a stopped one, keeps.
+
+    Many writers share a store; zarr read-modify-writes chunks, so each chunk must have one writer:
+    decode blocks hold whole chunks, and a chunk is written once all its frames are in (up to its
+    unit's last frame, in whatever order they came). A chunk still incomplete when a split ends (the
+    actor was stopped, or Ray Data cut a block between actors) is dropped, and redone. A chunk's rows
+    file has one name whoever writes it: a chunk is never recorded twice.
     """
 
-    def __init__(self, root: Location, chunk_frames: int):
-        self.root = root  # the pending maps.zarr group (PendingStore.root)
+    def __init__(self, pending: PendingStore, chunk_frames: int):
+        self.pending = pending
         self.chunk_frames = chunk_frames
         self.arrays: dict[str, zarr.Array] = {}
-        self.pending: dict[tuple[str, int], dict[int, np.ndarray]] = {}
-        self.written: list[tuple[str, int]] = []
+        self.buffered: dict[tuple[str, int], dict[int, tuple[np.ndarray, tuple]]] = {}
+        self.ends: dict[tuple[str, int], int] = {}  # chunk -> the index of its unit's last frame, in the chunk
 
-    def add(self, input_id: str, index: int, anomaly_map: np.ndarray, last: bool) -> None:
-        """Buffer the map (in the store's dtype) of frame `index` of `input_id`; `last` marks the input's last frame."""
+    def add(self, input_id: str, row: tuple, anomaly_map: np.ndarray) -> None:
+        """Buffer one frame's map (in the store's dtype) and its row (values of ROW_COLUMNS)."""
+        index = row[1]
         if input_id not in self.arrays:  # every chunk gets written: skip zarr's all-fill-value scan (~15 ms each)
-            with storage_errors(self.root):
-                self.arrays[input_id] = _open_pending_array(self.root, input_id).with_config({"write_empty_chunks": True})
+            with storage_errors(self.pending.root):
+                self.arrays[input_id] = _open_pending_array(self.pending.root, input_id).with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
             source = self.arrays[input_id].attrs["source"]
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
                              f"{self.arrays[input_id].shape[0]}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
         key = (input_id, index // self.chunk_frames)
-        rows = self.pending.setdefault(key, {})
-        rows[index] = anomaly_map
-        if len(rows) == self.chunk_frames or last:
+        frames = self.buffered.setdefault(key, {})
+        frames[index] = (anomaly_map, row)
+        if row[2] != NOT_LAST:  # the unit's last frame: its chunk ends here
+            self.ends[key] = index
+        if len(frames) == self._frames_in(key):  # complete (its frames may arrive in any order: blocks do)
             self._write(key)
+
+    def _frames_in(self, key: tuple[str, int]) -> int:
+        """Frames of chunk `key`: a full chunk, or those up to its unit's last frame."""
+        end = self.ends.get(key)
+        return self.chunk_frames if end is None else end - key[1] * self.chunk_frames + 1
 
     def _write(self, key: tuple[str, int]) -> None:
-        rows = self.pending.pop(key)
-        indices = sorted(rows)
-        runs = np.split(np.array(indices), np.flatnonzero(np.diff(indices) != 1) + 1)  # contiguous frame runs
-        array = self.arrays[key[0]]
-        with storage_errors(self.root):
-            for run in runs:
-                array[run[0] : run[-1] + 1] = np.stack([rows[i] for i in run])
-        self.written.append(key)
+        frames = self.buffered.pop(key)
+        self.ends.pop(key, None)
+        indices = sorted(frames)
+        with storage_errors(self.pending.root):
+            self.arrays[key[0]][indices[0] : indices[-1] + 1] = np.stack([frames[i][0] for i in indices])
+        rows = [frames[i][1] for i in indices]
+        columns = {name: np.array([row[c] for row in rows], dtype=dtype) for c, (name, dtype) in enumerate(ROW_COLUMNS.items())}
+        buffer = io.BytesIO()
+        np.savez(buffer, **columns)
+        _replace_file(self.pending.progress / f"{rows[0][0]}-{key[1]}.npz", buffer.getvalue())
 
-    def close(self) -> None:
-        """Write chunks still buffered (only a block split between writers leaves any)."""
-        for key in list(self.pending):
-            self._write(key)
+    def drop_incomplete(self) -> None:
+        """Forget the chunks still buffered (a split cut short): their frames are redone."""
+        self.buffered.clear()
+        self.ends.clear()
 
 
-def check_chunk_owners(written: list[list[tuple[str, int]]]) -> None:
-    """Raise if two writers wrote the same chunk (their read-modify-writes may have lost frames)."""
-    owners = Counter(key for keys in written for key in set(keys))
-    shared = sorted(key for key, count in owners.items() if count > 1)
-    if shared:
-        raise StoreError(f"map chunks {shared[:5]} were written by more than one actor; maps may be incomplete, rescore")
+def _replace_file(file: Location, data: bytes) -> None:
+    """Write `file` in one step: a rename locally (a killed writer leaves no half file), one upload on object storage."""
+    if file.is_remote:
+        file.write_bytes(data)
+        return
+    temporary = file.parent / f".{file.name}.{os.getpid()}.tmp"
+    temporary.write_bytes(data)
+    temporary.move_to(file)
+
+
+def read_progress(pending: PendingStore) -> dict[str, np.ndarray]:
+    """Every row the MapChunkWriters recorded in `pending`'s progress folder (ROW_COLUMNS; none if empty)."""
+    folder = pending.progress
+    files = [f.path for f in folder.iterdir() if f.name.endswith(".npz")] if folder.is_dir() else []
+    with storage_errors(folder):
+        contents = folder.fs.cat(files) if files else {}  # concurrent reads on object storage
+    parts = [np.load(io.BytesIO(data)) for data in contents.values()]
+    return {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, dtype) for name, dtype in ROW_COLUMNS.items()}
 
 
 def trim_map_arrays(root: Location, frames: dict[str, int]) -> None:

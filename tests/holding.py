@@ -1,4 +1,4 @@
-"""Stats actors held after their first checkpoint until the test releases them.
+"""Stats actors held after their first checkpoint (scoring actors after their first chunk) until the test releases them.
 
 A test that kills an actor or stops the driver once a checkpoint appears must act before the fit
 ends; on a fast small fit the remaining batches, the model write and the checkpoints' removal took
@@ -6,8 +6,8 @@ ends; on a fast small fit the remaining batches, the model write and the checkpo
 its second batch until a release file exists: the checkpoint is on disk and the fit cannot end
 until the test has acted and released it. Nothing here is a timing to win.
 
-Run as a script, this is `padim-ray` whose real embedder (fit's and score's) holds so (the file
-named by $PADIM_TEST_RELEASE), for tests that stop the command itself.
+Run as a script, this is `padim-ray` whose real embedder and scorer hold so (the file named by
+$PADIM_TEST_RELEASE), for tests that stop the command itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from ray import cloudpickle
 
 from padim_ray.embedding import Embedder
+from padim_ray.score import Scorer
 
 RELEASE_ENV = "PADIM_TEST_RELEASE"
 HOLD_LIMIT = 300  # seconds: a test that never releases fails on its own assertions, it does not hang
@@ -74,19 +75,18 @@ class HeldEmbedder(Embedder):
         return super().forward(frames)
 
 
-def held_score_actor():
-    """score's actor, held after its first batch until the file named by $PADIM_TEST_RELEASE exists."""
-    import ray
+class HeldScorer(Scorer):
+    """The real scorer, held after its first batch (which completes at least one map chunk when the
+    batch size is the chunk length or more) until `release` (default: $PADIM_TEST_RELEASE) exists."""
 
-    from padim_ray.score import ScoreActor
+    def __init__(self, *args, release: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release, self.batches = release or os.environ[RELEASE_ENV], 0
 
-    class HeldScoreActor(ScoreActor.__ray_metadata__.modified_class):
-        def process(self, batch):
-            hold(getattr(self, "batches", 0), os.environ[RELEASE_ENV])
-            self.batches = getattr(self, "batches", 0) + 1
-            super().process(batch)
-
-    return ray.remote(max_concurrency=2)(HeldScoreActor)
+    def maps(self, frames, size):
+        hold(self.batches, self.release)
+        self.batches += 1
+        return super().maps(frames, size)
 
 
 if __name__ == "__main__":
@@ -95,5 +95,5 @@ if __name__ == "__main__":
     from padim_ray.cli import app
 
     padim_ray.fit.Embedder = HeldEmbedder
-    padim_ray.score.ScoreActor = held_score_actor()
+    padim_ray.score.Scorer = HeldScorer
     app()
