@@ -285,16 +285,29 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
     out: Annotated[str, typer.Option(help="Folder or URI for metrics.json, roc.png, scores.png (and maps).")] = "evaluation",
     overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
+    batch_size: BatchSize = ClusterConfig.batch_size,
+    actors: Actors = None,
+    gpus_per_actor: GpusPerActor = None,
+    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
+    resource_wait: ResourceWait = ClusterConfig.resource_wait,
+    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
     address: Address = None,
 ) -> None:
-    """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks."""
+    """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks.
+
+    With --model, the test clips are scored first, by scoring actors sized as `score`'s are.
+    """
     from padim_ray.evaluate import evaluate_stc, format_table
     from padim_ray.storage import Location
 
     with _one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
-        reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address})
+        cluster = ClusterConfig(
+            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor,
+            batch_size=batch_size,
+        )
+        reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address, "cluster": cluster})
     typer.echo(format_table(reports))
     typer.echo(f"report: {Location(out) / 'metrics.json'}")
 

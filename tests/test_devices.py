@@ -134,3 +134,5 @@ def test_a_cluster_that_grows_only_gpu_workers_is_planned_as_the_walkthrough_say
     readme = (Path(__file__).parent.parent / "cluster" / "README.md").read_text()
     fits = [line for line in readme.split("## 3.")[1].split("## 4.")[0].splitlines() if "padim-ray fit" in line]
     assert len(fits) == 2 and all("--actors 4 --gpus-per-actor 1" in line for line in fits)
+    evaluation = readme.split("## 4.")[1].split("## 5.")[0]  # its scoring actors are planned the same way
+    assert "padim-ray evaluate" in evaluation and "--actors 4 --gpus-per-actor 1" in evaluation
