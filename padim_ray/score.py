@@ -227,8 +227,9 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
             outcomes = stream_to_actors(
                 lambda credits: frames_dataset(todo_units, size_in, 1, block_rows, skip, credits=credits), actors, cluster, block_rows, progress
             )
-            raise_first_failure([o for o in outcomes if not isinstance(o, ray.exceptions.RayActorError)])
-            dead = [i for i, o in enumerate(outcomes) if isinstance(o, ray.exceptions.RayActorError)]
+            # an actor that failed in its constructor (e.g. an unreadable model) fails again anywhere: not a loss to redo
+            raise_first_failure([o for o in outcomes if not _lost(o)])
+            dead = [i for i, o in enumerate(outcomes) if _lost(o)]
             if dead:
                 lost += len(dead)
                 cause = first_line(outcomes[dead[0]])
@@ -244,6 +245,11 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
         progress.close()
         for actor in actors:
             ray.kill(actor)
+
+
+def _lost(outcome) -> bool:
+    """Whether an actor's outcome is its loss (process, node), which other actors may make good."""
+    return isinstance(outcome, ray.exceptions.RayActorError) and not outcome.actor_init_failed
 
 
 def _start_actors(make_scorer: ScorerFactory, score: ScoreConfig, pending: PendingStore, targets: dict[int, MapTarget], cluster: ClusterConfig) -> list:
