@@ -86,7 +86,7 @@ for step in $steps; do
        run b-wr50 150 "$python" scripts/profile_actor.py --backbone wide_resnet50_2 --device "$device" --dtype float32 bfloat16 \
          "${profile[@]}" "${wr50[@]}" --json "$out/profile_wr50.json" ;;
     c) run c 120 "$python" scripts/bench_decode.py --source synthetic "${decode[@]}" --repeat 1 --json "$out/bench_decode.json" ;;
-    d) run d-pipeline 180 "$python" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    d) run d-pipeline 180 "$python" -m pytest -q -n 0 -p no:cacheprovider tests/test_gpu.py
        run d-fit 240 "$python" scripts/bench_fit.py --source synthetic --clips "$clips" --frames "${fit_frames[@]}" --repeat 1 \
          --json "$out/bench_fit.json"
        run d-score 180 "$python" scripts/bench_score.py --source synthetic --clips "$clips" --frames "${score_frames[@]}" --repeat 1 \
