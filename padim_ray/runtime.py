@@ -269,10 +269,10 @@ def actor_device():
     """
     import torch
 
-    gpu_ids = ray.get_gpu_ids()
-    if gpu_ids and not torch.cuda.is_available():
+    gpu_ids, cuda_available = ray.get_gpu_ids(), torch.cuda.is_available()
+    if gpu_ids and not cuda_available:
         log.warning("this actor reserved GPUs %s but torch sees no CUDA device: it runs on the CPU", gpu_ids)
-    return choose_device(gpu_ids, torch.cuda.is_available())
+    return choose_device(gpu_ids, cuda_available)
 
 
 class SplitConsumer:
