@@ -80,6 +80,8 @@ def run_fit(cluster: ClusterConfig, checkpoint_dir=None, disturbance: Disturbanc
     try:
         accumulated = accumulate(frames_for, units, embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
     finally:
+        if checkpoints:
+            checkpoints.lease.release()  # the files stay for the test to inspect; the lease (a bucket's heartbeat thread) goes
         if disturbance:
             disturbance.join()
             disturbance.release.unlink(missing_ok=True)
