@@ -117,7 +117,7 @@ _LITE0_BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 4, 1)
 
 
 def _rename_lite0_keys(source: dict) -> dict:
-    """lukemelas/efficientnet_pytorch key names -> timm's tf_efficientnet_lite0 names (DESIGN.md sec. 6)."""
+    """lukemelas/efficientnet_pytorch key names -> timm's tf_efficientnet_lite0 names (docs/design.md, "Backbones and weights")."""
     block_names = [(s, j) for s, n in enumerate(_LITE0_BLOCKS_PER_STAGE) for j in range(n)]
     renamed = {}
     for key, value in source.items():

@@ -92,7 +92,7 @@ class ClusterConfig:
     #                            ~16x faster than an R18 forward pass on CPU, and without this bound it runs
     #                            ahead and the object store grows with the video (scripts/bench_memory.py)
     checkpoint_every: float = 300.0  # seconds between checkpoints of each stats actor: an R18-Rd100 save
-    #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (see README, Reliability)
+    #                                  writes 330 MB (~1 s), a WR50-Rd550 one 10 GB (docs/performance.md, "Checkpoint cost")
     max_retries: int = 3  # stats actors that may be lost in one fit before it stops (and can be resumed)
     gpu_wait: float = 900.0  # seconds to wait for the autoscaler to add GPU workers (clusters that start from zero)
     resource_wait: float = 600.0  # seconds actors may wait to start on a joined cluster whose free CPUs/GPUs

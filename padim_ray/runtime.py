@@ -137,7 +137,7 @@ def plan_actors(cluster: ClusterConfig) -> list[ActorSpec]:
 
     A whole-node CPU actor reserves all but `decode_cpus(node)` of its node's CPUs, so decode tasks
     always have CPUs (with every CPU reserved, Ray Data's read tasks never run and streaming_split
-    waits forever, DESIGN.md sec. 4), and runs torch on all the node's cores: decoding at the model's
+    waits forever: docs/design.md, "Ray facts"), and runs torch on all the node's cores: decoding at the model's
     input size is a few percent of the forward pass. Each actor holds one full accumulator, so fewer,
     wider actors also bound memory. A plan that leaves decoding no CPU is an error here, not a hang.
     """

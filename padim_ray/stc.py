@@ -1,4 +1,4 @@
-"""The ShanghaiTech Campus layout (DESIGN.md sec. 5): where a scene's videos, frames and masks live."""
+"""The ShanghaiTech Campus layout (docs/design.md): where a scene's videos, frames and masks live."""
 
 from __future__ import annotations
 

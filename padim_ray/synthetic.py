@@ -1,7 +1,7 @@
 """STC-shaped synthetic scenes with exact ground truth: a static textured campus, walking people,
 and test clips with anomalies (a fast vehicle, a thrown object) whose pixel masks are exact.
 
-Written in the ShanghaiTech Campus layout (DESIGN.md sec. 5), deterministic for a seed.
+Written in the ShanghaiTech Campus layout (docs/design.md, "ShanghaiTech Campus layout"), deterministic for a seed.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ frame counts per process, so opening a video is reported apart.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import runrecord
 from benchlib import IMAGE_SIZE, Row, clips, parse_args
 
 DEFAULT_PROCESSES = [1, max(1, (os.cpu_count() or 2) - 1)]  # one, and every core but the driver's
@@ -53,8 +53,7 @@ def main() -> None:
         rows.append({**row.to_dict(row), "processes": processes, "per_process_fps": row.marginal_fps and row.marginal_fps / processes})
         print(f"  {processes:2d} processes: {row.marginal_fps or float('nan'):.0f} frames/s marginal "
               f"({(row.marginal_fps or 0) / processes:.0f} per process), {row.fixed_seconds or 0:.2f} s fixed", flush=True)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"benchmark": "decode", "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        runrecord.write(args.json, runrecord.record("decode", rows, source=str(args.source)))
     print(f"written {args.json}")
 
 

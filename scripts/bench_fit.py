@@ -1,11 +1,11 @@
-"""Fit throughput and memory against the bare backbone, measured in one run (issue 6).
+"""Fit throughput and memory against the bare backbone, measured in one run: the yardstick is the backbone using the whole machine.
 
 R18-Rd100 at 256x256 (random init: offline) from 768x576 video, at two frame counts: decode-only and
 the bare backbone on the whole machine (scripts/benchlib.py), and the command end to end,
 `padim-ray fit videos VIDEO --out OUT --weights none`, start to exit; then the same with a checkpoint
-of each stats actor every 2 s (issue 7: what checkpointing costs; the default is every 300 s).
+of each stats actor every 2 s (what checkpointing costs a fit; the default is every 300 s).
 
-    python scripts/bench_fit.py [--frames 128 1024] [--json runs/bench_fit.json]
+    python scripts/bench_fit.py [--frames 128 1024] [--json PATH]   # default: runs/bench/fit/ (scripts/runrecord.py)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""padim-ray's fit against anomalib's PaDiM on the same frames, measured in one run (issue 6).
+"""padim-ray's fit against anomalib's PaDiM on the same frames, measured in one run: speed, peak memory and the two fits' Gaussians.
 
 At two frame counts of 768x576 video (vtest.avi re-encoded at 8 Mbit/s), R18-Rd100 at 256x256,
 random init on both sides (offline):
@@ -16,7 +16,7 @@ with 0.01 I, so the difference is also shown against ours with anomalib's eps.
 
 anomalib comes with the `bench` extra; install it apart from the project's environment:
     python3 -m venv ../benchvenv && . ../benchvenv/bin/activate && pip install -e '.[bench]'
-    python scripts/bench_peer.py [--frames 128 1024] [--repeat 3] [--json runs/bench_peer.json]
+    python scripts/bench_peer.py [--frames 128 1024] [--repeat 3] [--json PATH]
 """
 
 from __future__ import annotations

@@ -17,13 +17,12 @@ A actors; the object store's peak depends on timing (a merged partial is freed s
 merge ends), so it varies between runs.
 
     python scripts/bench_reduce.py [--positions 64 128] [--partials 3] [--fan-in 2] [--shard-mib 128]
-                                   [--store-gib 4] [--json runs/bench_reduce.json]
+                                   [--store-gib 4] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -39,7 +38,8 @@ import ray
 import torch
 from ray._private.internal_api import node_stats
 
-from benchlib import REPO, _version
+import runrecord
+from benchlib import _version
 from padim_ray.fit import reduce_tree, shard_bounds
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize
 
@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="embeddings per update (ClusterConfig.batch_size)")
     parser.add_argument("--shard-mib", type=int, default=128, help="position shard size (ClusterConfig.shard_bytes)")
     parser.add_argument("--store-gib", type=float, default=4, help="object store of the local Ray")
-    parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench_reduce.json", help="where to write the results")
+    parser.add_argument("--json", type=Path, default=runrecord.default_path("reduce"), help="where to write the results")
     return parser.parse_args()
 
 
@@ -313,16 +313,11 @@ def formulas(model: dict, args: argparse.Namespace) -> list[str]:
 def report(cases: list[dict], model: dict, args: argparse.Namespace) -> None:
     """Print the table and the formulas, and write everything as JSON."""
     print("", *table(cases, args), "", *formulas(model, args), sep="\n")
-    result = {
-        "benchmark": "reduce",
-        "machine": {
-            "cpus": os.cpu_count(), "memory": psutil.virtual_memory().total, "torch": _version("torch"), "ray": _version("ray"),
-        },
-        "dims": DIMS, "partials": args.partials, "fan_in": args.fan_in, "batch": args.batch, "shard_bytes": args.shard_mib * MIB,
-        "cases": cases, "extrapolation": model,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = runrecord.record(
+        "reduce", cases, versions={"torch": _version("torch"), "ray": _version("ray")},
+        dims=DIMS, partials=args.partials, fan_in=args.fan_in, batch=args.batch, shard_bytes=args.shard_mib * MIB, extrapolation=model,
+    )
+    runrecord.write(args.json, result)
     print(f"written {args.json}")
 
 

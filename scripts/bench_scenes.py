@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
+import runrecord  # noqa: E402
 from benchlib import measure, number, workdir  # noqa: E402
 
 MODEL = {"backbone": "resnet18", "weights": "none"}
@@ -51,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--frames", type=int, default=128, help="frames per scene")
-    parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench_scenes.json")
+    parser.add_argument("--json", type=Path, default=runrecord.default_path("scenes"), help="where to write the results")
     args = parser.parse_args()
     from padim_ray.synthetic import SyntheticSpec, make_synthetic
 
@@ -69,11 +70,9 @@ def main() -> None:
         run = runs[mode]
         print(f"{label:<34}{number(run.seconds, '.1f'):>9}{number(frames / run.seconds, '.1f'):>10}{number(run.peak_bytes / 2**30, '.2f'):>10}")
     print(f"the job takes {runs['all'].seconds / runs['sequential'].seconds:.2f}x the time of fitting the scenes in turn")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "scenes": args.scenes, "frames_per_scene": args.frames,
-        "runs": {mode: {"seconds": run.seconds, "peak_bytes": run.peak_bytes} for mode, run in runs.items()},
-    }, indent=2))
+    rows = [{"mode": mode, "seconds": run.seconds, "peak_bytes": run.peak_bytes} for mode, run in runs.items()]
+    runrecord.write(args.json, runrecord.record("scenes", rows, scenes=args.scenes, frames_per_scene=args.frames))
+    print(f"written {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Scoring throughput and memory against the bare backbone, measured in one run (issue 6).
+"""Scoring throughput and memory against the bare backbone, measured in one run: the yardstick is the backbone using the whole machine.
 
 A model (R18-Rd100 at 256x256, random init: offline) is fitted once on the smaller video, untimed.
 Then, at two frame counts of 768x576 video: decode-only and the bare backbone on the whole machine
 (scripts/benchlib.py), and the command end to end, `padim-ray score MODEL VIDEO --out OUT` (maps at
 native 768x576, the default), start to exit.
 
-    python scripts/bench_score.py [--frames 128 1024] [--json runs/bench_score.json]
+    python scripts/bench_score.py [--frames 128 1024] [--json PATH]   # default: runs/bench/score/ (scripts/runrecord.py)
 """
 
 from __future__ import annotations

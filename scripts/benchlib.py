@@ -44,20 +44,22 @@ from typing import Iterator
 import numpy as np
 import psutil
 
+import runrecord
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 256  # ModelConfig's default, the paper's STC size
 BATCH = 32  # ClusterConfig's default batch size
 SYNTHETIC = "synthetic"  # --source value for generated STC-sized footage
 BARE = "bare backbone (torchvision)"  # the yardstick row, denominator of every ratio
 SAMPLE_SECONDS = 1.0  # memory sampling interval
-BITRATE = 8_000_000  # PyAV's default (~200 kbit/s) smears real footage (DESIGN.md, turn 2)
+BITRATE = 8_000_000  # PyAV's default (~200 kbit/s) smears real footage (docs/design.md, "Video facts")
 
 
 def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
     """The options every benchmark takes; `extra(parser)` adds a script's own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs=2, default=[128, 1024], metavar=("N1", "N2"), help="the two frame counts")
-    parser.add_argument("--json", type=Path, default=REPO / "runs" / f"bench_{name}.json", help="where to write the results")
+    parser.add_argument("--json", type=Path, default=runrecord.default_path(name), help="where to write the results (default: runs/bench/)")
     parser.add_argument(
         "--source", type=Path, default=REPO / "data" / "vtest.avi",
         help="vtest.avi (scripts/fetch_vtest.sh), or `synthetic`: an STC-sized 856x480 synthetic scene, looped",
@@ -374,15 +376,9 @@ def report(name: str, rows: list[Row], bare: Row, json_path: Path, extra: dict |
         ]
         print(f"| {row.name} | " + " | ".join(cells) + " |")
     print("", *notes, sep="\n")
-    result = {
-        "benchmark": name,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": _version("torch"), "ray": _version("ray")},
-        "bare": bare.name,
-        "rows": [row.to_dict(bare) for row in rows],
-        **(extra or {}),
-    }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    versions = {"torch": _version("torch"), "ray": _version("ray")}
+    result = runrecord.record(name, [row.to_dict(bare) for row in rows], versions=versions, bare=bare.name, **(extra or {}))
+    runrecord.write(json_path, result)
     print(f"written {json_path}")
 
 

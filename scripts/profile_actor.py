@@ -13,13 +13,13 @@ slice of positions, config.UPDATE_BYTES). Rows are printed and written to --json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import runrecord
 import torch
 
 from padim_ray.config import BACKBONE_DTYPES, UPDATE_BYTES, ModelConfig
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=ModelConfig.image_size, help="frames' side (positions = (side / 4)^2)")
     parser.add_argument("--batches", type=int, default=5, help="timed repeats of each step")
     parser.add_argument("--update-mib", type=float, nargs="+", default=[UPDATE_BYTES / 2**20], help="float64 MiB per update slice")
-    parser.add_argument("--json", type=Path, default=Path("runs/profile_actor.json"))
+    parser.add_argument("--json", type=Path, default=runrecord.default_path("profile_actor"), help="where to write the results")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     weights = "imagenet" if args.backbone == "efficientnet_lite0" else "none"  # offline: random init
@@ -89,7 +89,6 @@ def main() -> None:
     print(f"{args.backbone}, {torch.get_num_threads()} CPU threads", flush=True)
     print("| device | dtype | batch | update slice MiB | embed ms | float64 update ms | update share | frames/s |", flush=True)
     print("|---|---|---|---|---|---|---|---|", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for device in devices:
         for dtype in args.dtype:
@@ -101,7 +100,7 @@ def main() -> None:
                         f"| {row['device']} | {dtype} | {batch_size} | {row['update_mib']:g} | {row['embed_ms']:.1f} | "
                         f"{row['update_ms']:.1f} | {row['update_share']:.1%} | {row['frames_per_s']:.1f} |", flush=True,
                     )
-                    args.json.write_text(json.dumps({"backbone": args.backbone, "rows": rows}, indent=2))
+                    runrecord.write(args.json, runrecord.record("profile_actor", rows, backbone=args.backbone, torch_threads=torch.get_num_threads()))
 
 
 if __name__ == "__main__":
