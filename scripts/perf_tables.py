@@ -113,9 +113,8 @@ def reduce(run: dict) -> list[str]:
     if model:
         fits, p, shard, batch = model["fits"], model["positions"], model["shard_bytes"], run["batch"]
         about = "about " if model.get("approximate") else ""
-        accumulator = p * d * (d + 2) * 8
         lines += ["", f"Extrapolated to P = {p}, d = {d}, A actors, shards of S = {shard / GiB:.3f} GiB:", "",
-                  f"- accumulator per actor P·d·(d+2)·8 = {gib(accumulator)} GiB; temporaries of an update at batch B: "
+                  f"- per actor: the accumulator, plus temporaries of an update at batch B of "
                   f"{about}{fits['accumulate']['k']:g}·P·B·d bytes = {gib(fits['accumulate']['k'] * p * batch * d)} GiB at B = {batch}",
                   f"- object store peak {about}A·P·d²·8 + k·S = {gib(p * d * d * 8)} GiB × A + {fits['store']['k']:g} × "
                   f"{shard / GiB:.3f} GiB (k: merge outputs alive at once in this run)"]
