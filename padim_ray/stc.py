@@ -1,4 +1,4 @@
-"""The ShanghaiTech Campus layout (docs/design.md): where a scene's videos, frames and masks live."""
+"""The ShanghaiTech Campus layout (docs/design.md, "ShanghaiTech Campus layout"): where a scene's videos, frames and masks live."""
 
 from __future__ import annotations
 
