@@ -90,10 +90,14 @@ class HeldScorer(Scorer):
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import signal
+
     import padim_ray.fit
     import padim_ray.score
     from padim_ray.cli import app
 
     padim_ray.fit.Embedder = HeldEmbedder
     padim_ray.score.Scorer = HeldScorer
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test whose command hangs shows where
     app()

@@ -125,7 +125,13 @@ def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signa
     while not set(checkpoints.glob("actor-*.npz")) - before and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(stop)
-    output = driver.communicate(timeout=120)[0]
+    try:
+        output = driver.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        driver.send_signal(signal.SIGUSR1)  # holding.py: every thread's stack on its output, then it is killed
+        time.sleep(2)
+        driver.kill()
+        pytest.fail(f"the command did not end within 120 s of {stop.name}; its output and threads:\n{driver.communicate()[0][-8000:]}")
     return subprocess.CompletedProcess(command, driver.returncode, output)
 
 
