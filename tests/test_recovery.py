@@ -121,9 +121,12 @@ def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signa
     `stop` once a checkpoint file appears that was not there before. The fit cannot end first."""
     before = set(checkpoints.glob("actor-*.npz"))
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a bound for a hung start, not a race: the fit holds once the file exists
     while not set(checkpoints.glob("actor-*.npz")) - before and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    if driver.poll() is not None or not set(checkpoints.glob("actor-*.npz")) - before:
+        driver.kill()
+        pytest.fail(f"no new checkpoint while the command ran (exit {driver.poll()}):\n{driver.communicate()[0][-4000:]}")
     driver.send_signal(stop)
     try:
         output = driver.communicate(timeout=120)[0]
