@@ -29,7 +29,7 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
-from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
+from padim_ray.video import InputPolicy, VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def _accumulate_units(units, model, embedder, job: FitJob, checkpoints, held, ex
         todo_units = [u for u in units if u.uid in todo]
         skip = {uid: used for uid, used in todo.items() if len(used)}
         return frames_dataset(
-            todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, job.skip_bad_inputs, credits
+            todo_units, model.image_size, model.frame_stride, job.cluster.decode_batch, skip, InputPolicy(job.skip_bad_inputs), credits
         )
 
     make_embedder = functools.partial(Embedder, model)

@@ -153,7 +153,7 @@ class ScoreResult:
 
 
 def score_inputs(
-    model: str | Path | Location,
+    model_path: str | Path | Location,
     inputs: list[str | Path | Location],
     out: str | Path | Location,
     map_size: str = "native",
@@ -162,7 +162,7 @@ def score_inputs(
     overwrite: bool = False,
     address: str | None = None,
 ) -> ScoreResult:
-    """Score every frame of `inputs` with `model`; write maps (zarr) and per-frame scores (Parquet) to `out`.
+    """Score every frame of `inputs` with the model at `model_path`; write maps (zarr) and per-frame scores (Parquet) to `out`.
 
     Finished chunks are recorded as they are written: a lost actor's unfinished ones are redone on the
     others (or new actors), up to `cluster.max_retries` lost actors, and a stopped run's are kept in
@@ -170,7 +170,7 @@ def score_inputs(
     """
     started = time.monotonic()
     out = Location(out)
-    store = open_model(model)
+    store = open_model(model_path)
     store.check_reproduced(Embedder(ModelConfig(**store.attrs["config"])), SCORE_REFUSAL)  # before any cluster work
     size = parse_map_size(map_size, store.attrs["image_size"])
     chunk = score.chunk_frames
@@ -208,7 +208,7 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
     # decode blocks start on chunk boundaries (units do, and recorded frames are whole chunks),
     # so every chunk is written by the one actor that got its block
-    block_rows = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
+    decode_batch = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
     size_in = store.attrs["image_size"]
     make_scorer = functools.partial(Scorer, store.path, score)
     actors, lost, recorded = [], 0, -1
@@ -225,7 +225,7 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
             if not actors:
                 actors = _start_actors(make_scorer, score, pending, targets, cluster)
             outcomes = stream_to_actors(
-                lambda credits: frames_dataset(todo_units, size_in, 1, block_rows, skip, credits=credits), actors, cluster, block_rows, progress
+                lambda credits: frames_dataset(todo_units, size_in, 1, decode_batch, skip, credits=credits), actors, cluster, decode_batch, progress
             )
             # an actor that failed in its constructor (e.g. an unreadable model) fails again anywhere: not a loss to redo
             raise_first_failure([o for o in outcomes if not _lost(o)])
@@ -284,14 +284,14 @@ def _accounting(rows: dict[str, np.ndarray]) -> Accounting:
     return accounting
 
 
-def scored_with(maps: str | Path | Location, model: str | Path | Location, inputs: list, score: ScoreConfig = ScoreConfig()) -> bool:
-    """Whether `maps` is a complete map store of exactly `inputs`, scored by `model` as it is now with these settings."""
+def scored_with(maps: str | Path | Location, model_path: str | Path | Location, inputs: list, score: ScoreConfig = ScoreConfig()) -> bool:
+    """Whether `maps` is a complete map store of exactly `inputs`, scored by the model at `model_path` as it is now with these settings."""
     if not is_committed(maps, MAPS_GROUP):
         return False
     group = open_maps(maps)
     ids = read_scores(maps)["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
     sources = {group[name].attrs.get("source") for name in ids}
-    same_model = all(group.attrs.get(key) == value for key, value in _map_attributes(open_model(model), score).items())
+    same_model = all(group.attrs.get(key) == value for key, value in _map_attributes(open_model(model_path), score).items())
     return same_model and sources == {Location(path).uri for path in inputs}
 
 

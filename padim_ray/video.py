@@ -39,6 +39,13 @@ class VideoError(PadimError):
 
 
 @dataclass(frozen=True)
+class InputPolicy:
+    """What a run does with inputs that cannot be decoded."""
+
+    skip_bad: bool = False  # leave them out (listed in the model's skipped_inputs) instead of stopping (--skip-bad-inputs)
+
+
+@dataclass(frozen=True)
 class WorkUnit:
     """A slice of one input that one decode task reads in order."""
 
@@ -285,19 +292,21 @@ def _check_frame_size(what: str, height: int, width: int) -> None:
 
 
 def decode_units(
-    batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False, credits=None
+    batch: dict, size: int, stride: int, decode_batch: int, skip: dict | None = None, input_policy: InputPolicy = InputPolicy(),
+    credits=None,
 ) -> Iterator[dict]:
     """Ray Data map_batches generator: work units in, blocks of resized frames out.
 
     Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
     input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
-    frames the unit produced. Blocks hold up to `rows_per_block` frames. Frames whose index is in
+    frames the unit produced. Blocks hold up to `decode_batch` frames. Frames whose index is in
     `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted. With
-    `skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is BAD_UNIT instead
-    of raising (rows emitted before the failure must then be discarded by the consumer's caller).
+    `input_policy.skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is
+    BAD_UNIT instead of raising (rows emitted before the failure must then be discarded by the
+    consumer's caller).
     With `credits` (a runtime.FrameCredits actor), each block waits for credit for its rows first.
     """
-    for block in _decode_blocks(batch, size, stride, rows_per_block, skip, skip_bad):
+    for block in _decode_blocks(batch, size, stride, decode_batch, skip, input_policy):
         if credits is not None:
             import ray
 
@@ -305,21 +314,21 @@ def decode_units(
         yield block
 
 
-def _decode_blocks(batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None, skip_bad: bool) -> Iterator[dict]:
+def _decode_blocks(batch: dict, size: int, stride: int, decode_batch: int, skip: dict | None, input_policy: InputPolicy) -> Iterator[dict]:
     for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
         unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
         done = set(skip[unit.uid].tolist()) if skip and unit.uid in skip else set()
         try:
-            yield from _decode_unit(unit, size, stride, rows_per_block, done)
+            yield from _decode_unit(unit, size, stride, decode_batch, done)
         except VideoError:
-            if not skip_bad:
+            if not input_policy.skip_bad:
                 raise
             marker = _block(unit, [-1], [np.zeros((size, size, 3), dtype=np.uint8)])
             marker["unit_total"][:] = BAD_UNIT
             yield marker
 
 
-def _decode_unit(unit: WorkUnit, size: int, stride: int, rows_per_block: int, done: set[int]) -> Iterator[dict]:
+def _decode_unit(unit: WorkUnit, size: int, stride: int, decode_batch: int, done: set[int]) -> Iterator[dict]:
     pending: dict | None = None
     produced = 0
     last_emitted = False  # whether the unit's last frame is in `pending`
@@ -331,7 +340,7 @@ def _decode_unit(unit: WorkUnit, size: int, stride: int, rows_per_block: int, do
         if last_emitted:
             indices.append(index)
             frames.append(frame)
-        if len(frames) == rows_per_block:
+        if len(frames) == decode_batch:
             if pending is not None:
                 yield pending
             pending = _block(unit, indices, frames)
@@ -358,13 +367,14 @@ def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict
 
 
 def frames_dataset(
-    units: list[WorkUnit], size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False,
-    credits=None,
+    units: list[WorkUnit], size: int, stride: int, decode_batch: int, skip: dict | None = None,
+    input_policy: InputPolicy = InputPolicy(), credits=None,
 ):
     """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs.
 
-    `skip` maps unit ids to frame indices to leave out; `skip_bad` marks units that fail to decode
-    instead of failing; `credits` bounds the frames decoded ahead of the consumers (see decode_units).
+    Blocks hold up to `decode_batch` frames; `skip` maps unit ids to frame indices to leave out;
+    `input_policy` says whether units that fail to decode are marked instead of failing; `credits`
+    bounds the frames decoded ahead of the consumers (see decode_units).
     Each block the decoder yields stays one block: Ray Data would otherwise coalesce them into
     128 MiB blocks (~650 frames at 256x256), which move and are freed only as a whole.
     """
@@ -375,9 +385,9 @@ def frames_dataset(
         decode_units,
         batch_size=1,
         fn_kwargs={
-            "size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip, "skip_bad": skip_bad, "credits": credits,
+            "size": size, "stride": stride, "decode_batch": decode_batch, "skip": skip, "input_policy": input_policy, "credits": credits,
         },
     )
     # a full block is emitted as soon as it is yielded, and only blocks over 1.5x the target are cut
-    dataset.context.target_max_block_size = rows_per_block * size * size * 3 * 3 // 4
+    dataset.context.target_max_block_size = decode_batch * size * size * 3 * 3 // 4
     return dataset
