@@ -28,7 +28,7 @@ from padim_ray.runtime import (
     ActorSpec, Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
 from padim_ray.storage import Location, PendingStore, staged_store
-from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
+from padim_ray.store import MODEL_STORE, ModelAttributes, StoreError, create_model_store, open_model, publish_model, write_shard
 from padim_ray.video import InputPolicy, VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
@@ -344,14 +344,15 @@ def update_model(
     if target.is_remote and target == model_path:
         raise StoreError(f"model {model_path} is on object storage, where it cannot be replaced atomically; pass --out NEW_URI for the updated model")
     store = open_model(model_path)
-    model = ModelConfig(**store.attrs["config"])
+    stored = store.attributes
+    model = stored.model_config
     embedder = Embedder(model)
     store.check_reproduced(embedder, "it cannot be updated: fit a new model on all the footage")
-    known = {_source_key(source) for source in store.attrs["sources"]}
+    known = {_source_key(source) for source in stored.sources}
     repeated = [str(path) for path in expand_inputs(list(inputs)) if _source_key({"path": path}) in known]
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
-    base = BaseModel(model_path, store.attrs["frames"], store.attrs["sources"], store.attrs.get("skipped_inputs", []))
+    base = BaseModel(model_path, stored.frames, stored.sources, stored.skipped_inputs)
     job = FitJob(target, cluster, overwrite or target == model_path, address, checkpoint_dir, skip_bad_inputs)
     return _fit_units(job, list(inputs), model, embedder, base)
 
@@ -394,7 +395,7 @@ def stored_shards(path: Location, bounds: list[tuple[int, int]]) -> list[Gaussia
     """A stored model's statistics (frames, mean, m2) split into position shards."""
     store = open_model(path)
     parts = [
-        GaussianStats(store.attrs["frames"], torch.from_numpy(store.read("mean", start, stop)), torch.from_numpy(store.read("m2", start, stop)))
+        GaussianStats(store.attributes.frames, torch.from_numpy(store.read("mean", start, stop)), torch.from_numpy(store.read("m2", start, stop)))
         for start, stop in bounds
     ]
     return parts if len(parts) > 1 else parts[0]
@@ -435,7 +436,7 @@ def _fit_units(job: FitJob, inputs: list, model: ModelConfig, embedder: Embedder
             sources = (base.sources if base else []) + [
                 {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
             ]
-            publish_model(pending, _attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
+            publish_model(pending, _model_attributes(model, embedder, sources, frames, (base.skipped if base else []) + skipped))
         except BaseException:
             checkpoints.remove_if_empty()
             if checkpoints.path.exists():
@@ -503,22 +504,22 @@ def _identity(model: ModelConfig, embedder: Embedder, units: list[WorkUnit]) -> 
     }
 
 
-def _attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], frames: int, skipped: list[dict]) -> dict:
+def _model_attributes(model: ModelConfig, embedder: Embedder, sources: list[dict], frames: int, skipped: list[dict]) -> ModelAttributes:
     spec = embedder.spec
-    return {
-        "package_version": version("padim-ray"),
-        "config": {**model.to_dict(), "dims": embedder.dims},
-        "backbone": spec.name,
-        "weights_identity": embedder.weights_identity,
-        "stages": list(spec.stages),
-        "stage_channels": list(spec.channels),
-        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-        "image_size": model.image_size,
-        "grid": list(embedder.grid),
-        "dims": embedder.dims,
-        "channel_indices": embedder.channel_indices.tolist(),
-        "eps": model.eps,
-        "frames": frames,
-        "sources": sources,
-        "skipped_inputs": skipped,
-    }
+    return ModelAttributes(
+        package_version=version("padim-ray"),
+        config={**model.to_dict(), "dims": embedder.dims},
+        backbone=spec.name,
+        weights_identity=embedder.weights_identity,
+        stages=list(spec.stages),
+        stage_channels=list(spec.channels),
+        normalization={"mean": list(spec.mean), "std": list(spec.std)},
+        image_size=model.image_size,
+        grid=list(embedder.grid),
+        dims=embedder.dims,
+        channel_indices=embedder.channel_indices.tolist(),
+        eps=model.eps,
+        frames=frames,
+        sources=sources,
+        skipped_inputs=skipped,
+    )

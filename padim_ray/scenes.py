@@ -81,16 +81,16 @@ def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, o
 def _keep_or_refuse(fit: SceneFit, model: ModelConfig) -> None:
     """Mark `fit` kept if its output is this job's published model; refuse any other existing output."""
     if is_committed(fit.out):
-        attrs = open_model(fit.out).attrs
+        published = open_model(fit.out).attributes
         ours = {k: v for k, v in model.to_dict().items() if k != "dims" or v is not None}
-        stored = {k: attrs["config"].get(k) for k in ours}
-        inputs = {Location(s["path"]).uri for s in attrs["sources"] + attrs.get("skipped_inputs", [])}
+        stored = {k: published.config.get(k) for k in ours}
+        inputs = {Location(s["path"]).uri for s in published.sources + published.skipped_inputs}
         if stored != ours or inputs != {video.uri for video in fit.videos}:
             raise StorageError(
                 f"output {fit.out} holds a model of other settings or footage; pass --overwrite to refit it, or choose another --out"
             )
         fit.kept = True
-        fit.result = FitResult(out=fit.out, frames=attrs["frames"], seconds=0.0)
+        fit.result = FitResult(out=fit.out, frames=published.frames, seconds=0.0)
         log.info("scene %s: kept the model an earlier run published at %s", fit.scene, fit.out)
     elif fit.out.exists() and not (fit.out.is_remote and (fit.out / WRITING_MARKER).exists()):
         raise StorageError(f"output {fit.out} already exists and is not a model; pass --overwrite or choose another --out")
