@@ -18,11 +18,12 @@ from padim_ray.accumulate import Accumulated, Partial, SharedJob, accumulate
 from padim_ray.checkpoint import Checkpoints, default_checkpoint_dir
 from padim_ray.config import FORMAT_VERSION, ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
+from padim_ray.frames import frames_dataset
 from padim_ray.reduce import finalize_shard, shard_bounds, shard_refs, stored_shards
 from padim_ray.runtime import connect, user_errors
 from padim_ray.storage import Location, PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, ModelAttributes, StoreError, create_model_store, open_model, publish_model
-from padim_ray.video import InputPolicy, VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
+from padim_ray.video import InputPolicy, VideoError, WorkUnit, expand_inputs, iter_unit_frames, make_units
 
 log = logging.getLogger(__name__)
 

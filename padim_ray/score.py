@@ -20,6 +20,7 @@ import torch
 from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError, first_line
+from padim_ray.frames import frames_dataset
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
@@ -31,7 +32,7 @@ from padim_ray.store import (
     MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, publish_maps, read_progress,
     read_scores, trim_map_arrays, write_scores,
 )
-from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, make_units
 
 log = logging.getLogger(__name__)
 SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from padim_ray.video import (
-    NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, index_video, iter_unit_frames, make_units,
-)
+from padim_ray.frames import decode_units, frames_dataset
+from padim_ray.video import NOT_LAST, VideoError, WorkUnit, expand_inputs, index_video, iter_unit_frames, make_units
 
 
 def test_decodes_every_frame_in_order(stc_root):
