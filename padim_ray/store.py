@@ -203,11 +203,11 @@ class MapAttributes:
     blur_at: str
 
     @classmethod
-    def of(cls, model: ModelStore, score: ScoreConfig) -> MapAttributes:
-        """The attributes of maps scored by `model` as it is now, with `score`'s blur."""
-        facts = model.attributes
+    def of(cls, store: ModelStore, score: ScoreConfig) -> MapAttributes:
+        """The attributes of maps scored by the model `store` as it is now, with `score`'s blur."""
+        facts = store.attributes
         return cls(
-            model=model.path.uri,
+            model=store.path.uri,
             model_facts={
                 "backbone": facts.backbone, "weights_identity": facts.weights_identity, "dims": facts.dims,
                 "image_size": facts.image_size, "frames": facts.frames,
