@@ -31,7 +31,6 @@ class BackboneSpec:
     name: str
     stages: tuple[str, ...]  # modules whose outputs form the embedding, finest first
     channels: tuple[int, ...]  # output channels of each stage
-    strides: tuple[int, ...]  # input pixels per feature cell of each stage
     default_dims: int  # d of the paper's "Rd" random channel subset
     mean: tuple[float, float, float]  # input normalisation
     std: tuple[float, float, float]
@@ -152,7 +151,6 @@ def _resnet(name: str, channels: tuple[int, int, int], default_dims: int, weight
         name=name,
         stages=("layer1", "layer2", "layer3"),
         channels=channels,
-        strides=(4, 8, 16),
         default_dims=default_dims,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -171,7 +169,6 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="efficientnet_b5",
             stages=("features.2", "features.4", "features.5"),  # the paper's levels 2, 4, 5
             channels=(40, 128, 176),
-            strides=(4, 16, 16),
             default_dims=200,  # our choice: the paper fixes d only for R18 (100) and WR50 (550)
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
@@ -182,7 +179,6 @@ BACKBONES: dict[str, BackboneSpec] = {
             name="efficientnet_lite0",
             stages=("blocks.1", "blocks.2", "blocks.4"),
             channels=(24, 40, 112),
-            strides=(4, 8, 16),
             default_dims=100,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),

@@ -135,6 +135,7 @@ def fit(
     Rerunning an interrupted fit resumes it from its checkpoints.
     """
     from padim_ray.fit import fit_model
+    from padim_ray.video import InputPolicy
     from padim_ray.stc import scene_path, scene_videos, select_scenes, training_scenes
 
     with _one_line_errors():
@@ -161,7 +162,7 @@ def fit(
                 raise PadimError("fit videos takes one or more PATHS and --out MODEL")
             inputs = paths
         result = fit_model(
-            inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs,
+            inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs),
         )
     _echo_fit(result)
 
@@ -171,12 +172,13 @@ def _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, ad
     import time
 
     from padim_ray.scenes import fit_scenes, format_scene_table, plan_scenes
+    from padim_ray.video import InputPolicy
 
     started = time.monotonic()
     fits = plan_scenes(root, scenes, out, checkpoint_dir, overwrite, model)
     typer.echo(f"fitting {len(fits)} scenes ({', '.join(scenes)}) -> {out}", err=True)
     try:
-        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, skip_bad_inputs=skip_bad_inputs)
+        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, input_policy=InputPolicy(skip_bad_inputs))
     except KeyboardInterrupt:
         _exit_interrupted_scenes()
     typer.echo(format_scene_table(fits, time.monotonic() - started))
@@ -228,6 +230,7 @@ def update(
 ) -> None:
     """Merge new footage into a fitted model: equal to one fit on the old and new footage together."""
     from padim_ray.fit import update_model
+    from padim_ray.video import InputPolicy
 
     with _one_line_errors():
         cluster = ClusterConfig(
@@ -235,7 +238,7 @@ def update(
             checkpoint_every=checkpoint_every, max_retries=max_retries,
         )
         result = update_model(
-            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, skip_bad_inputs=skip_bad_inputs, out=out, overwrite=overwrite,
+            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs), out=out, overwrite=overwrite,
         )
     _echo_fit(result)
 

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from padim_ray.accumulate import SharedJob
 from padim_ray.config import SCENES_IN_FLIGHT, ClusterConfig, ModelConfig
 from padim_ray.checkpoint import default_checkpoint_dir
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError
-from padim_ray.fit import FitResult, SharedJob, fit_model
+from padim_ray.fit import FitResult, fit_model
 from padim_ray.runtime import connect
 from padim_ray.stc import scene_path, scene_videos
 from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committed, make_parent_folders
 from padim_ray.store import open_model
+from padim_ray.video import InputPolicy
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class SceneFit:
     kept: bool = False
 
 
-def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, overwrite: bool, model: ModelConfig) -> list[SceneFit]:
+def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, overwrite: bool, model_config: ModelConfig) -> list[SceneFit]:
     """Every scene's videos and output, checked before any work: layout, backbone and weights, distinct
     outputs, no clobbering, output and checkpoint folders (missing ones created).
 
@@ -70,27 +72,27 @@ def plan_scenes(root, scenes: list[str], out: str, checkpoint_dir: str | None, o
     ]
     for fit in fits:
         if not overwrite:
-            _keep_or_refuse(fit, model)
-    Embedder(model)  # backbone, dims and weights, as fit_model checks them
+            _keep_or_refuse(fit, model_config)
+    Embedder(model_config)  # backbone, dims and weights, as fit_model checks them
     for fit in fits:  # last: folders are made once the checks above have passed
         make_parent_folders(fit.out)
         make_parent_folders(fit.checkpoint_dir or default_checkpoint_dir(fit.out), "--checkpoint-dir")
     return fits
 
 
-def _keep_or_refuse(fit: SceneFit, model: ModelConfig) -> None:
+def _keep_or_refuse(fit: SceneFit, model_config: ModelConfig) -> None:
     """Mark `fit` kept if its output is this job's published model; refuse any other existing output."""
     if is_committed(fit.out):
-        attrs = open_model(fit.out).attrs
-        ours = {k: v for k, v in model.to_dict().items() if k != "dims" or v is not None}
-        stored = {k: attrs["config"].get(k) for k in ours}
-        inputs = {Location(s["path"]).uri for s in attrs["sources"] + attrs.get("skipped_inputs", [])}
+        published = open_model(fit.out).attributes
+        ours = {k: v for k, v in model_config.to_dict().items() if k != "dims" or v is not None}
+        stored = {k: published.config.get(k) for k in ours}
+        inputs = {Location(s["path"]).uri for s in published.sources + published.skipped_inputs}
         if stored != ours or inputs != {video.uri for video in fit.videos}:
             raise StorageError(
                 f"output {fit.out} holds a model of other settings or footage; pass --overwrite to refit it, or choose another --out"
             )
         fit.kept = True
-        fit.result = FitResult(out=fit.out, frames=attrs["frames"], seconds=0.0)
+        fit.result = FitResult(out=fit.out, frames=published.frames, seconds=0.0)
         log.info("scene %s: kept the model an earlier run published at %s", fit.scene, fit.out)
     elif fit.out.exists() and not (fit.out.is_remote and (fit.out / WRITING_MARKER).exists()):
         raise StorageError(f"output {fit.out} already exists and is not a model; pass --overwrite or choose another --out")
@@ -98,11 +100,11 @@ def _keep_or_refuse(fit: SceneFit, model: ModelConfig) -> None:
 
 def fit_scenes(
     fits: list[SceneFit],
-    model: ModelConfig = ModelConfig(),
+    model_config: ModelConfig = ModelConfig(),
     cluster: ClusterConfig = ClusterConfig(),
     overwrite: bool = False,
     address: str | None = None,
-    skip_bad_inputs: bool = False,
+    input_policy: InputPolicy = InputPolicy(),
     in_flight: int = SCENES_IN_FLIGHT,
 ) -> list[SceneFit]:
     """Fit every planned scene (see plan_scenes), `in_flight` at a time, with one progress bar.
@@ -117,8 +119,8 @@ def fit_scenes(
     shared = SharedJob(tqdm(total=0, unit="frame", desc=f"fit {len(fits)} scenes", file=sys.stderr, mininterval=2))
     try:
         _run(todo, in_flight, lambda fit: fit_model(
-            fit.videos, fit.out, model, cluster, overwrite=overwrite, address=address,
-            checkpoint_dir=fit.checkpoint_dir, skip_bad_inputs=skip_bad_inputs, shared=shared,
+            fit.videos, fit.out, model_config, cluster, overwrite=overwrite, address=address,
+            checkpoint_dir=fit.checkpoint_dir, input_policy=input_policy, shared=shared,
         ))
     finally:
         shared.bar.close()

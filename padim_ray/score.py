@@ -17,9 +17,10 @@ import numpy as np
 import ray
 import torch
 
-from padim_ray.config import MAPS_FORMAT_VERSION, MAX_FRAME_SIDE, ClusterConfig, ConfigError, ModelConfig, ScoreConfig
+from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ScoreConfig
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError, first_line
+from padim_ray.frames import frames_dataset
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
@@ -28,10 +29,10 @@ from padim_ray.runtime import (
 )
 from padim_ray.storage import Location, PendingStore, holds_progress, is_committed, staged_store
 from padim_ray.store import (
-    MAP_STORE, MAPS_GROUP, MapChunkWriter, MapTarget, create_map_arrays, open_maps, open_model, publish_maps, read_progress,
+    MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, publish_maps, read_progress,
     read_scores, trim_map_arrays, write_scores,
 )
-from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, frames_dataset, make_units
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, make_units
 
 log = logging.getLogger(__name__)
 SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
@@ -42,7 +43,7 @@ class Scorer:
 
     def __init__(self, model_path: str | Path | Location, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu"):
         store = open_model(model_path)
-        config = ModelConfig(**store.attrs["config"])
+        config = store.attributes.model_config
         self.embedder = Embedder(config, device)
         store.check_reproduced(self.embedder, SCORE_REFUSAL)
         device = self.embedder.device
@@ -153,7 +154,7 @@ class ScoreResult:
 
 
 def score_inputs(
-    model: str | Path | Location,
+    model_path: str | Path | Location,
     inputs: list[str | Path | Location],
     out: str | Path | Location,
     map_size: str = "native",
@@ -162,7 +163,7 @@ def score_inputs(
     overwrite: bool = False,
     address: str | None = None,
 ) -> ScoreResult:
-    """Score every frame of `inputs` with `model`; write maps (zarr) and per-frame scores (Parquet) to `out`.
+    """Score every frame of `inputs` with the model at `model_path`; write maps (zarr) and per-frame scores (Parquet) to `out`.
 
     Finished chunks are recorded as they are written: a lost actor's unfinished ones are redone on the
     others (or new actors), up to `cluster.max_retries` lost actors, and a stopped run's are kept in
@@ -170,9 +171,9 @@ def score_inputs(
     """
     started = time.monotonic()
     out = Location(out)
-    store = open_model(model)
-    store.check_reproduced(Embedder(ModelConfig(**store.attrs["config"])), SCORE_REFUSAL)  # before any cluster work
-    size = parse_map_size(map_size, store.attrs["image_size"])
+    store = open_model(model_path)
+    store.check_reproduced(Embedder(store.attributes.model_config), SCORE_REFUSAL)  # before any cluster work
+    size = parse_map_size(map_size, store.attributes.image_size)
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
@@ -195,7 +196,7 @@ def score_inputs(
         frames = _frames_per_input(units, targets, accounting)
         trim_map_arrays(pending.root, frames)
         write_scores(pending.staging, _score_table(rows, targets))
-        publish_maps(pending, _map_attributes(store, score))
+        publish_maps(pending, MapAttributes.of(store, score))
     return ScoreResult(out, frames, time.monotonic() - started, lost, resumed)
 
 
@@ -208,8 +209,8 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts frames
     # decode blocks start on chunk boundaries (units do, and recorded frames are whole chunks),
     # so every chunk is written by the one actor that got its block
-    block_rows = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
-    size_in = store.attrs["image_size"]
+    decode_batch = math.ceil(cluster.decode_batch / score.chunk_frames) * score.chunk_frames
+    size_in = store.attributes.image_size
     make_scorer = functools.partial(Scorer, store.path, score)
     actors, lost, recorded = [], 0, -1
     try:
@@ -225,7 +226,7 @@ def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConf
             if not actors:
                 actors = _start_actors(make_scorer, score, pending, targets, cluster)
             outcomes = stream_to_actors(
-                lambda credits: frames_dataset(todo_units, size_in, 1, block_rows, skip, credits=credits), actors, cluster, block_rows, progress
+                lambda credits: frames_dataset(todo_units, size_in, 1, decode_batch, skip, credits=credits), actors, cluster, decode_batch, progress
             )
             # an actor that failed in its constructor (e.g. an unreadable model) fails again anywhere: not a loss to redo
             raise_first_failure([o for o in outcomes if not _lost(o)])
@@ -269,9 +270,8 @@ def _start_actors(make_scorer: ScorerFactory, score: ScoreConfig, pending: Pendi
 def _identity(store, score: ScoreConfig, units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict:
     """What makes two scorings the same: a rerun may keep the chunks a stopped one recorded."""
     return {
-        "format_version": MAPS_FORMAT_VERSION,
-        **_map_attributes(store, score),
-        "model_sources": store.attrs["sources"],
+        **MapAttributes.of(store, score).to_attributes(),
+        "model_sources": store.attributes.sources,
         "score": asdict(score),
         "inputs": [[Location(u.path).uri, u.start, u.stop, u.frames, targets[u.uid].input_id, list(targets[u.uid].size)] for u in units],
     }
@@ -284,33 +284,25 @@ def _accounting(rows: dict[str, np.ndarray]) -> Accounting:
     return accounting
 
 
-def scored_with(maps: str | Path | Location, model: str | Path | Location, inputs: list, score: ScoreConfig = ScoreConfig()) -> bool:
-    """Whether `maps` is a complete map store of exactly `inputs`, scored by `model` as it is now with these settings."""
+def scored_with(maps: str | Path | Location, model_path: str | Path | Location, inputs: list, score: ScoreConfig = ScoreConfig()) -> bool:
+    """Whether `maps` is a complete map store of exactly `inputs`, scored by the model at `model_path` as it is now with these settings."""
     if not is_committed(maps, MAPS_GROUP):
         return False
     group = open_maps(maps)
     ids = read_scores(maps)["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
-    sources = {group[name].attrs.get("source") for name in ids}
-    same_model = all(group.attrs.get(key) == value for key, value in _map_attributes(open_model(model), score).items())
+    sources = {map_source(group[name]) for name in ids}
+    same_model = MapAttributes.from_attributes(group.attrs) == MapAttributes.of(open_model(model_path), score)
     return same_model and sources == {Location(path).uri for path in inputs}
 
 
-def _map_arrays(units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict[str, tuple[tuple[int, int, int], dict]]:
-    """Shape (frames the headers declare, H, W) and attributes of each input's map array."""
-    arrays: dict[str, tuple[tuple[int, int, int], dict]] = {}
+def _map_arrays(units: list[WorkUnit], targets: dict[int, MapTarget]) -> dict[str, tuple[tuple[int, int, int], str]]:
+    """Shape (frames the headers declare, H, W) and source of each input's map array."""
+    arrays: dict[str, tuple[tuple[int, int, int], str]] = {}
     for unit in units:
         target = targets[unit.uid]
         frames = arrays[target.input_id][0][0] if target.input_id in arrays else 0
-        arrays[target.input_id] = ((frames + unit.frames, *target.size), {"source": unit.path})
+        arrays[target.input_id] = ((frames + unit.frames, *target.size), unit.path)
     return arrays
-
-
-def _map_attributes(store, score: ScoreConfig) -> dict:
-    model_facts = {k: store.attrs[k] for k in ("backbone", "weights_identity", "dims", "image_size", "frames")}
-    return {
-        "kind": "anomaly-maps", "model": store.path.uri, "model_facts": model_facts,
-        "blur_sigma": score.blur_sigma, "blur_truncate": score.blur_truncate, "blur_at": score.blur_at,
-    }
 
 
 def _frames_per_input(units: list[WorkUnit], targets: dict[int, MapTarget], accounting) -> dict[str, int]:

@@ -6,8 +6,8 @@ Layout of MODEL/ (a zarr v3 group):
     precision   (P, d, d)  float32   inverse covariance, the dtype scoring uses
     m2          (P, d, d)  float64   sum of outer products of deviations: with `frames` and `mean`,
                                      the exact state needed to merge more footage later
-    attributes: format_version, package_version, model config, backbone facts, channel_indices, grid,
-                frames, sources, ...
+    attributes: ModelAttributes (format_version, package_version, model config, backbone facts,
+                channel_indices, grid, frames, sources, skipped_inputs)
 Every array is chunked along positions only, one chunk per reduction shard, so each reducer writes
 whole chunks (zarr read-modify-writes chunks: two writers in one chunk would race).
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import zarr
 
-from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
+from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.video import NOT_LAST
 from padim_ray.storage import (
@@ -34,6 +34,8 @@ from padim_ray.storage import (
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
+MAPS_KIND = "anomaly-maps"  # the map group's `kind` attribute
+MAP_SOURCE = "source"  # the attribute of an input's map array that names the input
 # maps: 3x faster to write than zarr's default zstd (63 vs 184 ms per 32 frames of 768x576 float16
 # here), 2.0x smaller instead of 2.3x; scoring writes every frame, so speed wins
 MAP_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
@@ -67,9 +69,43 @@ def write_shard(root: Location, start: int, arrays: dict[str, np.ndarray]) -> No
             _open_pending_array(root, name)[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
 
 
-def publish_model(pending: PendingStore, attributes: dict) -> None:
+@dataclass(frozen=True)
+class ModelAttributes:
+    """What a model store records beside its arrays: its group's attributes, names and values as on disk
+    (with `format_version` first). Written by the fit, read by score, scenes, update and render."""
+
+    package_version: str  # the padim-ray that wrote it
+    config: dict  # ModelConfig.to_dict(), with `dims` resolved (see `model_config`)
+    backbone: str
+    weights_identity: str  # which weights the backbone had: a model is only scored or updated with the same
+    stages: list[str]
+    stage_channels: list[int]
+    normalization: dict  # {"mean": [r, g, b], "std": [r, g, b]}
+    image_size: int
+    grid: list[int]  # (h, w) of the embedding
+    dims: int
+    channel_indices: list[int]  # the random channel subset "Rd"
+    eps: float
+    frames: int
+    sources: list[dict]  # {"path", "start", "stop", "frames"} per work unit fitted
+    skipped_inputs: list[dict] = field(default_factory=list)  # {"path", "reason"}; absent from the first models
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.config)
+
+    def to_attributes(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_attributes(cls, attributes: dict) -> ModelAttributes:
+        """The schema of stored `attributes` (of this FORMAT_VERSION, which open_model checks); other keys are ignored."""
+        return cls(**{name: attributes[name] for name in cls.__dataclass_fields__ if name in attributes})
+
+
+def publish_model(pending: PendingStore, attributes: ModelAttributes) -> None:
     """Record the attributes and the format version, making the model visible at its target (one last write)."""
-    commit_store(pending, {"format_version": FORMAT_VERSION, **attributes})
+    commit_store(pending, attributes.to_attributes())
 
 
 @dataclass
@@ -77,8 +113,13 @@ class ModelStore:
     """An opened model store: attributes in memory, arrays read on demand."""
 
     path: Location
-    attrs: dict
+    attributes: ModelAttributes
     group: zarr.Group
+
+    @property
+    def attrs(self) -> dict:
+        """The attributes as stored (for tools and tests; code reads `attributes`)."""
+        return self.attributes.to_attributes()
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Positions [start, stop) of array `name` (one of ARRAYS)."""
@@ -89,10 +130,11 @@ class ModelStore:
         """Raise StoreError (ending with `refusal`) unless `embedder` has the weights and channel subset
         this model was fitted with: statistics of other features would be silently wrong."""
         for key, ours in (("weights_identity", embedder.weights_identity), ("channel_indices", embedder.channel_indices.tolist())):
-            if self.attrs[key] != ours:
+            stored = getattr(self.attributes, key)
+            if stored != ours:
                 raise StoreError(
                     f"model {self.path} was fitted with other {key.replace('_', ' ')} than this padim-ray reproduces "
-                    f"({str(self.attrs[key])[:60]}); {refusal}"
+                    f"({str(stored)[:60]}); {refusal}"
                 )
 
 
@@ -117,7 +159,7 @@ def open_model(path: Location | str | os.PathLike) -> ModelStore:
     missing = [name for name in ARRAYS if name not in group]
     if missing:
         raise StoreError(f"model {path} lacks arrays {missing}; it is incomplete, refit it")
-    return ModelStore(path=path, attrs=attrs, group=group)
+    return ModelStore(path=path, attributes=ModelAttributes.from_attributes(attrs), group=group)
 
 
 @dataclass(frozen=True)
@@ -128,23 +170,63 @@ class MapTarget:
     size: tuple[int, int]
 
 
-def create_map_arrays(pending: PendingStore, dtype: str, chunk_frames: int, arrays: dict[str, tuple[tuple, dict]]) -> None:
-    """Create one (T, H, W) array per input in the pending `maps.zarr`, chunked by `chunk_frames` frames.
+def create_map_arrays(pending: PendingStore, dtype: str, chunk_frames: int, arrays: dict[str, tuple[tuple, str]]) -> None:
+    """Create one (T, H, W) array per input id in the pending `maps.zarr`, chunked by `chunk_frames`
+    frames, from its (shape, source): the input's path, recorded as the array's one attribute.
 
     T is what the input's header declares; trim_map_arrays cuts each array to the frames decoded.
     """
     with storage_errors(pending.target):
-        for input_id, (shape, array_attributes) in arrays.items():
+        for input_id, (shape, source) in arrays.items():
             zarr.create_array(
                 pending.array_store(input_id), shape=shape, chunks=(chunk_frames, *shape[1:]), dtype=dtype, fill_value=0,
-                compressors=[MAP_COMPRESSOR], attributes=array_attributes, zarr_format=3,
+                compressors=[MAP_COMPRESSOR], attributes={MAP_SOURCE: source}, zarr_format=3,
                 overwrite=True,  # one a run stopped before recording any chunk left (see score_inputs)
             )
 
 
-def publish_maps(pending: PendingStore, attributes: dict) -> None:
+def map_source(array: zarr.Array) -> str | None:
+    """The input (path or URI) whose maps `array` holds (None if not recorded)."""
+    return array.attrs.get(MAP_SOURCE)
+
+
+@dataclass(frozen=True)
+class MapAttributes:
+    """What a map store's maps.zarr records: the model and blur that made its maps (names and values as
+    on disk, with `format_version` and `kind` first). Two map stores of equal MapAttributes were scored
+    alike; a rerun of the same scoring resumes on them (score._identity)."""
+
+    model: str  # the model store's URI
+    model_facts: dict  # the model's backbone, weights_identity, dims, image_size and frames
+    blur_sigma: float
+    blur_truncate: float
+    blur_at: str
+
+    @classmethod
+    def of(cls, store: ModelStore, score: ScoreConfig) -> MapAttributes:
+        """The attributes of maps scored by the model `store` as it is now, with `score`'s blur."""
+        facts = store.attributes
+        return cls(
+            model=store.path.uri,
+            model_facts={
+                "backbone": facts.backbone, "weights_identity": facts.weights_identity, "dims": facts.dims,
+                "image_size": facts.image_size, "frames": facts.frames,
+            },
+            blur_sigma=score.blur_sigma, blur_truncate=score.blur_truncate, blur_at=score.blur_at,
+        )
+
+    def to_attributes(self) -> dict:
+        return {"format_version": MAPS_FORMAT_VERSION, "kind": MAPS_KIND, **asdict(self)}
+
+    @classmethod
+    def from_attributes(cls, attributes) -> MapAttributes:
+        """The schema of stored `attributes` (of this MAPS_FORMAT_VERSION, which open_maps checks); None for a missing field."""
+        return cls(**{name: attributes.get(name) for name in cls.__dataclass_fields__})
+
+
+def publish_maps(pending: PendingStore, attributes: MapAttributes) -> None:
     """Write the map group's attributes last, making the map store visible at its target."""
-    commit_store(pending, {"format_version": MAPS_FORMAT_VERSION, **attributes})
+    commit_store(pending, attributes.to_attributes())
 
 
 ROW_COLUMNS = {"unit": np.int64, "index": np.int64, "unit_total": np.int64, "score": np.float32, "max_y": np.int64, "max_x": np.int64}
@@ -176,7 +258,7 @@ class MapChunkWriter:
             with storage_errors(self.pending.root):
                 self.arrays[input_id] = _open_pending_array(self.pending.root, input_id).with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
-            source = self.arrays[input_id].attrs["source"]
+            source = map_source(self.arrays[input_id])
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
                              f"{self.arrays[input_id].shape[0]}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
         key = (input_id, index // self.chunk_frames)
@@ -257,7 +339,7 @@ def open_maps(path: Location | str | os.PathLike) -> zarr.Group:
     with storage_errors(path):
         group = zarr.open_group((path / MAPS_GROUP).zarr_store(read_only=True), mode="r", zarr_format=3)
     version = group.attrs.get("format_version")
-    if version != MAPS_FORMAT_VERSION or group.attrs.get("kind") != "anomaly-maps":
+    if version != MAPS_FORMAT_VERSION or group.attrs.get("kind") != MAPS_KIND:
         raise StoreError(f"{path} is not an anomaly-map store of format {MAPS_FORMAT_VERSION} (found {version}); rescore with this version")
     return group
 

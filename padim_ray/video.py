@@ -1,8 +1,7 @@
-"""Decoding (PyAV for videos, Pillow for frame folders) and the Ray Data source of frames.
+"""Inputs and decoding: videos and frame folders cut into work units, decoded by PyAV or Pillow.
 
-Inputs are cut into work units with stable ids (one video, or a range of one folder's frames). A
-decode task reads one unit sequentially and marks the unit's last row with the number of frames it
-produced, so consumers can prove every frame was used exactly once.
+Inputs are cut into work units with stable ids (one video, or a range of one folder's frames),
+which frames.py turns into the Ray Data source of frames.
 
 Frames are resized while decoding (ffmpeg's scaler; Pillow for image files), so only small uint8
 frames travel, and decode workers never import torch.
@@ -30,12 +29,19 @@ VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpe
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 FRAMES_PER_FOLDER_UNIT = 256  # folders of frames are split into units this long for parallelism
 TRUNCATION_TOLERANCE = 1  # frames a header may over-report without the file being cut off
-NOT_LAST = -1  # `unit_total` of every row but a unit's last
+NOT_LAST = -1  # `unit_total` of every row but a unit's last (the rows of frames.decode_units)
 BAD_UNIT = -2  # `unit_total` of the one row that says a unit could not be decoded (--skip-bad-inputs)
 
 
 class VideoError(PadimError):
     """An input that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """What a run does with inputs that cannot be decoded."""
+
+    skip_bad: bool = False  # leave them out (listed in the model's skipped_inputs) instead of stopping (--skip-bad-inputs)
 
 
 @dataclass(frozen=True)
@@ -282,102 +288,3 @@ def _check_frame_size(what: str, height: int, width: int) -> None:
             f"{what} declares {width}x{height} frames, beyond 1x1 to {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}; "
             "resize it, or leave it out (--skip-bad-inputs)"
         )
-
-
-def decode_units(
-    batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False, credits=None
-) -> Iterator[dict]:
-    """Ray Data map_batches generator: work units in, blocks of resized frames out.
-
-    Each output row has `frame` (size, size, 3) uint8, `unit`, `index` (frame number within the
-    input) and `unit_total`, which is NOT_LAST except on a unit's last row, where it is the number of
-    frames the unit produced. Blocks hold up to `rows_per_block` frames. Frames whose index is in
-    `skip[unit id]` (done before: a resumed or recovered fit) are decoded but not emitted. With
-    `skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is BAD_UNIT instead
-    of raising (rows emitted before the failure must then be discarded by the consumer's caller).
-    With `credits` (a runtime.FrameCredits actor), each block waits for credit for its rows first.
-    """
-    for block in _decode_blocks(batch, size, stride, rows_per_block, skip, skip_bad):
-        if credits is not None:
-            import ray
-
-            ray.get(credits.take.remote(len(block["unit"])))
-        yield block
-
-
-def _decode_blocks(batch: dict, size: int, stride: int, rows_per_block: int, skip: dict | None, skip_bad: bool) -> Iterator[dict]:
-    for uid, path, start, stop in zip(batch["uid"], batch["path"], batch["start"], batch["stop"]):
-        unit = WorkUnit(int(uid), str(path), int(start), None if stop < 0 else int(stop))
-        done = set(skip[unit.uid].tolist()) if skip and unit.uid in skip else set()
-        try:
-            yield from _decode_unit(unit, size, stride, rows_per_block, done)
-        except VideoError:
-            if not skip_bad:
-                raise
-            marker = _block(unit, [-1], [np.zeros((size, size, 3), dtype=np.uint8)])
-            marker["unit_total"][:] = BAD_UNIT
-            yield marker
-
-
-def _decode_unit(unit: WorkUnit, size: int, stride: int, rows_per_block: int, done: set[int]) -> Iterator[dict]:
-    pending: dict | None = None
-    produced = 0
-    last_emitted = False  # whether the unit's last frame is in `pending`
-    indices: list[int] = []
-    frames: list[np.ndarray] = []
-    for index, frame in iter_unit_frames(unit, stride, size):
-        produced += 1
-        last_emitted = index not in done
-        if last_emitted:
-            indices.append(index)
-            frames.append(frame)
-        if len(frames) == rows_per_block:
-            if pending is not None:
-                yield pending
-            pending = _block(unit, indices, frames)
-            indices, frames = [], []
-    if frames:
-        if pending is not None:
-            yield pending
-        pending = _block(unit, indices, frames)
-    if produced == 0:
-        raise VideoError(f"input {unit.path} has no frames; remove it from the inputs")
-    if pending is not None:
-        if last_emitted:
-            pending["unit_total"][-1] = produced
-        yield pending
-
-
-def _block(unit: WorkUnit, indices: list[int], frames: list[np.ndarray]) -> dict:
-    return {
-        "frame": np.stack(frames),  # (n, S, S, 3) uint8
-        "unit": np.full(len(frames), unit.uid, dtype=np.int64),
-        "index": np.asarray(indices, dtype=np.int64),
-        "unit_total": np.full(len(frames), NOT_LAST, dtype=np.int64),
-    }
-
-
-def frames_dataset(
-    units: list[WorkUnit], size: int, stride: int, rows_per_block: int, skip: dict | None = None, skip_bad: bool = False,
-    credits=None,
-):
-    """A Ray Dataset of resized frames: one decode task per work unit, on any node's CPUs.
-
-    `skip` maps unit ids to frame indices to leave out; `skip_bad` marks units that fail to decode
-    instead of failing; `credits` bounds the frames decoded ahead of the consumers (see decode_units).
-    Each block the decoder yields stays one block: Ray Data would otherwise coalesce them into
-    128 MiB blocks (~650 frames at 256x256), which move and are freed only as a whole.
-    """
-    import ray
-
-    items = [{"uid": u.uid, "path": u.path, "start": u.start, "stop": -1 if u.stop is None else u.stop} for u in units]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        decode_units,
-        batch_size=1,
-        fn_kwargs={
-            "size": size, "stride": stride, "rows_per_block": rows_per_block, "skip": skip, "skip_bad": skip_bad, "credits": credits,
-        },
-    )
-    # a full block is emitted as soon as it is yielded, and only blocks over 1.5x the target are cut
-    dataset.context.target_max_block_size = rows_per_block * size * size * 3 * 3 // 4
-    return dataset

@@ -129,7 +129,7 @@ def render_input(
     """Render the footage of one scored input with its maps (found by source path or input id) to `out`
     (a path, or a URI: rendered to a temp file, then uploaded). An existing `out` is replaced only
     with `overwrite`, and never when it is one of the inputs."""
-    from padim_ray.store import open_maps, read_scores
+    from padim_ray.store import map_source, open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
 
     require({"fps": fps}, {"fps": between(1, MAX_FPS)})
@@ -138,7 +138,7 @@ def render_input(
     group = open_maps(maps_path)
     table = read_scores(maps_path)
     inputs = table["input"].unique().tolist()  # ids may be path suffixes (a/x), which zarr lists as no array
-    matches = [name for name in inputs if Location(group[name].attrs.get("source", "/")) == source]
+    matches = [name for name in inputs if Location(map_source(group[name]) or "/") == source]
     name = matches[0] if matches else (os.path.splitext(source.name)[0] if "." in source.name else source.name)
     if name not in inputs:
         raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")

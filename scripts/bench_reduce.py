@@ -1,10 +1,10 @@
 """Object-store and per-process memory of the sharded tree reduction of a WR50-Rd550-sized model.
 
 d = 550 at two reduced position counts (the model has 4096): `--partials` accumulators of random
-embeddings are built in Ray tasks and returned as their position shards (fit.shard_bounds,
-`--shard-mib`), separate objects owned by the driver as the stats actors return them; fit.reduce_tree
+embeddings are built in Ray tasks and returned as their position shards (reduce.shard_bounds,
+`--shard-mib`), separate objects owned by the driver as the stats actors return them; reduce.reduce_tree
 merges each shard's partials (`--fan-in`), then one task per shard finalizes it (covariance and its
-inverse, as fit.finalize_shard, without writing a model store). Each position count runs on a fresh
+inverse, as reduce.finalize_shard, without writing a model store). Each position count runs on a fresh
 local Ray (a private temp dir, a `--store-gib` object store, every core).
 
 Sampled every 50 ms at the lowest priority: the object-store bytes in use (the raylet's GetNodeStats)
@@ -40,7 +40,7 @@ from ray._private.internal_api import node_stats
 
 import runrecord
 from benchlib import _version
-from padim_ray.fit import reduce_tree, shard_bounds
+from padim_ray.reduce import reduce_tree, shard_bounds
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize
 
 DIMS = 550  # WR50-Rd550
@@ -81,7 +81,7 @@ def accumulate(positions: int, batch: int, seed: int, bounds: list[tuple[int, in
 
 @ray.remote(max_calls=1)
 def finalize_stats(stats: GaussianStats) -> tuple[int, int]:
-    """Covariance and precision of one shard (as fit.finalize_shard, no store); its count and ru_maxrss."""
+    """Covariance and precision of one shard (as reduce.finalize_shard, no store); its count and ru_maxrss."""
     finalize(stats, EPS)
     return stats.count, max_rss()
 

@@ -403,7 +403,8 @@ def decode_only(videos: list[Path]) -> dict:
     import ray
 
     from padim_ray.config import ClusterConfig
-    from padim_ray.video import frames_dataset, make_units
+    from padim_ray.frames import frames_dataset
+    from padim_ray.video import make_units
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     units, _ = make_units(videos)

@@ -8,7 +8,7 @@ import numpy as np
 import ray
 import torch
 
-from padim_ray.fit import reduce_tree, shard_bounds
+from padim_ray.reduce import reduce_tree, shard_bounds
 from padim_ray.gaussian import StatsAccumulator, finalize
 from conftest import reference_gaussians, relative_error
 

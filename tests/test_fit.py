@@ -12,7 +12,8 @@ import torch
 from padim_ray.config import ClusterConfig
 from padim_ray.embedding import Embedder
 from padim_ray.accounting import Accounting, FrameAccountingError
-from padim_ray.fit import accumulate, fit_model
+from padim_ray.accumulate import accumulate
+from padim_ray.fit import fit_model
 from padim_ray.gaussian import finalize
 from padim_ray.runtime import ClusterError, plan_actors
 from padim_ray.stc import scene_videos

@@ -14,7 +14,7 @@ from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
 from conftest import SMALL_MODEL, relative_error, start_local_ray
-from padim_ray.fit import actor_name
+from padim_ray.accumulate import actor_name
 from test_fit import _split_independent_case
 from test_recovery import CHECKPOINT_EACH_BATCH, Disturbance, run_fit
 

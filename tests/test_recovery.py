@@ -20,7 +20,8 @@ import torch
 
 from padim_ray.checkpoint import CheckpointError, Checkpoints
 from padim_ray.config import ClusterConfig
-from padim_ray.fit import FitLostError, accumulate, actor_name, fit_model, update_model
+from padim_ray.accumulate import FitLostError, accumulate, actor_name
+from padim_ray.fit import fit_model, update_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
 from padim_ray.storage import Location, StorageError

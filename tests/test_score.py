@@ -130,3 +130,8 @@ def test_inputs_of_one_name_get_their_own_maps(ray_local, small_model, stc_root,
     assert [(group[i].shape[0], group[i].attrs["source"]) for i in ("a/01_0001", "b/01_0001")] == [(12, str(first)), (8, str(second))]
     assert pq.read_table(out / "scores.parquet").to_pandas()["input"].tolist() == ["a/01_0001"] * 12 + ["b/01_0001"] * 8
     assert render_input(out, second, tmp_path / "b.mp4").is_file()  # found by its source path
+
+
+def test_a_fitted_model_reads_back_its_attributes_as_stored(small_model):
+    """The typed schema (store.ModelAttributes) reads a fitted model's attributes back unchanged."""
+    assert open_model(small_model).attrs == dict(zarr.open_group(str(small_model), mode="r").attrs)

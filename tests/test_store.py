@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray.storage import WRITING_MARKER, Location, StorageError, abort_store, begin_store, staged_store
+from padim_ray.storage import WRITING_MARKER, Location, StorageError, abort_store, begin_store, commit_store, staged_store
 from padim_ray.store import (
-    MAP_STORE, MODEL_STORE, StoreError, create_map_arrays, create_model_store, open_maps, open_model, publish_maps, publish_model, write_scores,
-    write_shard,
+    MAP_STORE, MODEL_STORE, MapAttributes, ModelAttributes, StoreError, create_map_arrays, create_model_store, open_maps, open_model,
+    publish_maps, publish_model, write_scores, write_shard,
 )
+
+
+def _attributes(frames: int) -> ModelAttributes:
+    """The attributes of a small model holding `frames` frames (the store does not check them against its arrays)."""
+    return ModelAttributes(
+        package_version="0.0", config={}, backbone="resnet18", weights_identity="none", stages=["layer1"], stage_channels=[64],
+        normalization={"mean": [0.5] * 3, "std": [0.5] * 3}, image_size=32, grid=[2, 5], dims=3, channel_indices=[0, 1, 2],
+        eps=0.01, frames=frames, sources=[],
+    )
 
 
 def _pending_model(target: Location, positions=10, dims=3, shard=4, overwrite=False):
@@ -33,7 +42,7 @@ def test_store_round_trip_and_chunking(where):
     pending, arrays = _pending_model(out)
     with pytest.raises(StoreError, match="incomplete|not found"):
         open_model(out)  # nothing opens as a model until published
-    publish_model(pending, {"frames": 7})
+    publish_model(pending, _attributes(7))
     assert not (out / WRITING_MARKER).exists()
     assert [p.name for p in where.iterdir()] == ["model"]  # no staging left beside it
     model = open_model(out)
@@ -47,12 +56,12 @@ def test_store_round_trip_and_chunking(where):
 def test_overwrite_replaces_an_existing_store(where):
     out = where / "model"
     pending, _ = _pending_model(out)
-    publish_model(pending, {"frames": 1})
+    publish_model(pending, _attributes(1))
     with pytest.raises(StorageError, match="already exists.*; pass --overwrite"):
         begin_store(out, overwrite=False, kind=MODEL_STORE)
     assert open_model(out).attrs["frames"] == 1  # a refused run leaves the model alone
     pending, _ = _pending_model(out, overwrite=True)
-    publish_model(pending, {"frames": 2})
+    publish_model(pending, _attributes(2))
     assert open_model(out).attrs["frames"] == 2
     assert [p.name for p in where.iterdir()] == ["model"]
 
@@ -61,9 +70,9 @@ def test_overwrite_replaces_an_existing_store(where):
 def _published_maps(target: Location, overwrite: bool = False) -> None:
     """A complete (one-array) anomaly-map store at `target`, as `padim-ray score` publishes it."""
     pending = begin_store(target, overwrite, kind=MAP_STORE)
-    create_map_arrays(pending, "float16", 4, {"clip": ((4, 2, 2), {"source": "/videos/clip.mp4"})})
+    create_map_arrays(pending, "float16", 4, {"clip": ((4, 2, 2), "/videos/clip.mp4")})
     write_scores(pending.staging, {"input": ["clip"] * 4, "frame": [0, 1, 2, 3]})
-    publish_maps(pending, {"kind": "anomaly-maps"})
+    publish_maps(pending, MapAttributes(model="/models/a", model_facts={}, blur_sigma=4.0, blur_truncate=4.0, blur_at="model"))
 
 
 def _contents(where: Location) -> dict[str, bytes]:
@@ -75,7 +84,7 @@ def test_overwrite_replaces_only_a_store_of_its_kind(where):
     images, models, model, maps = where / "frames", where / "models", where / "models" / "a", where / "maps"
     for name in ("000.jpg", "001.jpg"):
         (images / name).write_bytes(b"a user's picture")
-    publish_model(_pending_model(model)[0], {"frames": 1})
+    publish_model(_pending_model(model)[0], _attributes(1))
     _published_maps(maps)
     before = _contents(where)
     refused = [(images, MODEL_STORE), (images, MAP_STORE), (model, MAP_STORE), (maps, MODEL_STORE), (models, MODEL_STORE)]
@@ -84,7 +93,7 @@ def test_overwrite_replaces_only_a_store_of_its_kind(where):
             begin_store(target, overwrite=True, kind=kind)
         assert str(err.value) == f"{target}: holds files that are not a padim-ray {kind.name}; choose another --out or remove them"
     assert _contents(where) == before  # nothing a user owns is deleted, no staging left
-    publish_model(_pending_model(model, overwrite=True)[0], {"frames": 2})  # a model replaces a model
+    publish_model(_pending_model(model, overwrite=True)[0], _attributes(2))  # a model replaces a model
     _published_maps(maps, overwrite=True)  # maps replace maps
     assert open_model(model).attrs["frames"] == 2 and open_maps(maps).attrs["kind"] == "anomaly-maps"
 
@@ -109,10 +118,30 @@ def test_a_failed_write_leaves_nothing_that_opens(where):
 def test_unknown_format_version_is_refused(tmp_path):
     out = tmp_path / "model"
     pending, _ = _pending_model(Location(out))
-    publish_model(pending, {})
+    publish_model(pending, _attributes(0))
     zarr.open_group(str(out), mode="r+").attrs["format_version"] = 99
     with pytest.raises(StoreError, match=f"model {out} has format version 99, this padim-ray reads version 1"):
         open_model(out)
+
+
+# the attribute names a model store and a map store record, as every model since format version 1 has them
+MODEL_ATTRIBUTES = [
+    "format_version", "package_version", "config", "backbone", "weights_identity", "stages", "stage_channels", "normalization",
+    "image_size", "grid", "dims", "channel_indices", "eps", "frames", "sources", "skipped_inputs",
+]
+MAP_ATTRIBUTES = ["format_version", "kind", "model", "model_facts", "blur_sigma", "blur_truncate", "blur_at"]
+
+
+def test_stored_attribute_names_do_not_change(tmp_path):
+    assert list(_attributes(3).to_attributes()) == MODEL_ATTRIBUTES
+    maps = MapAttributes(model="/models/a", model_facts={}, blur_sigma=4.0, blur_truncate=4.0, blur_at="model")
+    assert list(maps.to_attributes()) == MAP_ATTRIBUTES
+    out = Location(tmp_path / "model")
+    pending, _ = _pending_model(out)
+    first_models = {k: v for k, v in _attributes(3).to_attributes().items() if k != "skipped_inputs"}  # written before --skip-bad-inputs
+    commit_store(pending, first_models)
+    model = open_model(out)
+    assert model.attributes.frames == 3 and model.attributes.skipped_inputs == []
 
 
 def test_not_a_store(tmp_path):
@@ -164,7 +193,7 @@ def test_a_model_store_on_google_cloud_storage(gs_bucket):
     pending, arrays = _pending_model(out)
     with pytest.raises(StoreError, match="incomplete"):
         open_model(out)
-    publish_model(pending, {"frames": 7})
+    publish_model(pending, _attributes(7))
     model = open_model(out)
     assert model.attrs["frames"] == 7
     np.testing.assert_array_equal(model.read("m2", 4, 8), arrays["m2"][4:8])

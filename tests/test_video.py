@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from padim_ray.video import (
-    NOT_LAST, VideoError, WorkUnit, decode_units, expand_inputs, frames_dataset, index_video, iter_unit_frames, make_units,
-)
+from padim_ray.frames import decode_units, frames_dataset
+from padim_ray.video import NOT_LAST, VideoError, WorkUnit, expand_inputs, index_video, iter_unit_frames, make_units
 
 
 def test_decodes_every_frame_in_order(stc_root):
@@ -80,7 +79,7 @@ def test_a_file_without_a_video_stream_is_refused(tmp_path):
 def test_decode_blocks_mark_the_last_row_with_the_unit_total(stc_root):
     video = stc_root / "training" / "videos" / "01_002.avi"
     batch = {"uid": np.array([5]), "path": np.array([str(video)]), "start": np.array([0]), "stop": np.array([-1])}
-    blocks = list(decode_units(batch, size=32, stride=1, rows_per_block=8))
+    blocks = list(decode_units(batch, size=32, stride=1, decode_batch=8))
     assert [len(b["unit"]) for b in blocks] == [8, 8, 8, 6]
     totals = np.concatenate([b["unit_total"] for b in blocks])
     assert (totals[:-1] == NOT_LAST).all() and totals[-1] == 30
@@ -99,7 +98,7 @@ def test_frame_folders_are_split_into_units(stc_root):
 
 def test_ray_dataset_yields_every_frame_once(ray_local, stc_root):
     units, _ = make_units(expand_inputs([stc_root / "training" / "videos"]))
-    rows = frames_dataset(units, size=16, stride=1, rows_per_block=7).take_all()
+    rows = frames_dataset(units, size=16, stride=1, decode_batch=7).take_all()
     assert len(rows) == 60
     assert sorted((r["unit"], r["index"]) for r in rows) == [(u, i) for u in (0, 1) for i in range(30)]
 
@@ -115,7 +114,7 @@ def test_decoding_waits_for_frame_credits(ray_local, stc_root):
 
     units, _ = make_units(expand_inputs([stc_root / "training" / "videos" / "01_001.avi"]))
     credits = FrameCredits.remote(20)
-    dataset = frames_dataset(units, size=32, stride=1, rows_per_block=8, credits=credits)
+    dataset = frames_dataset(units, size=32, stride=1, decode_batch=8, credits=credits)
     received = []
     reader = threading.Thread(target=lambda: received.extend(len(b["unit"]) for b in dataset.iter_batches(batch_size=None)))
     reader.start()
