@@ -298,7 +298,7 @@ def evaluate(
     With --model, the test clips are scored first, by scoring actors sized as `score`'s are.
     """
     from padim_ray.evaluate import evaluate_stc, format_table
-    from padim_ray.storage import Location
+    from padim_ray.files import Location
 
     with _one_line_errors():
         if source is not Source.stc:

@@ -11,7 +11,7 @@ from padim_ray.evaluate import SceneReport, evaluate_stc, format_table
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos, test_clips
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.viz import render_input
 
 log = logging.getLogger(__name__)

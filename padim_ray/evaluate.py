@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from padim_ray.errors import PadimError
 from padim_ray.metrics import PixelHistograms, frame_auroc
 from padim_ray.stc import load_masks, mask_paths, test_clips
-from padim_ray.storage import Location, is_committed, make_parent_folders
+from padim_ray.files import Location, make_parent_folders
+from padim_ray.publish import is_committed
 from padim_ray.store import open_maps, read_scores
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from padim_ray.config import FORMAT_VERSION
 from padim_ray.runtime import (
     ActorSpec, Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
-from padim_ray.storage import Location, PendingStore, staged_store
+from padim_ray.files import Location
+from padim_ray.publish import PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
 from padim_ray.video import VideoError, WorkUnit, expand_inputs, frames_dataset, iter_unit_frames, make_units
 

@@ -26,7 +26,8 @@ from padim_ray.accounting import Accounting
 from padim_ray.runtime import (
     Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
 )
-from padim_ray.storage import Location, PendingStore, holds_progress, is_committed, staged_store
+from padim_ray.files import Location
+from padim_ray.publish import PendingStore, holds_progress, is_committed, staged_store
 from padim_ray.store import (
     MAP_STORE, MAPS_GROUP, MapChunkWriter, MapTarget, create_map_arrays, open_maps, open_model, publish_maps, read_progress,
     read_scores, trim_map_arrays, write_scores,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from padim_ray.errors import PadimError
-from padim_ray.storage import Location
+from padim_ray.files import Location
 
 SCENE_PATTERN = re.compile(r"^\d{2}$")
 

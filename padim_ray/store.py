@@ -28,9 +28,9 @@ import zarr
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION
 from padim_ray.errors import PadimError
 from padim_ray.video import NOT_LAST
-from padim_ray.storage import (
-    ROOT_METADATA, WRITING_MARKER, Location, PendingStore, StoreKind, commit_store, is_committed, storage_errors,
-)
+from padim_ray.files import Location, storage_errors
+from padim_ray.leases import WRITING_MARKER
+from padim_ray.publish import ROOT_METADATA, PendingStore, StoreKind, commit_store, is_committed
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input

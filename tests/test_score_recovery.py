@@ -32,7 +32,7 @@ from padim_ray.config import ClusterConfig, ScoreConfig
 from padim_ray.evaluate import evaluate_stc
 from padim_ray.score import score_inputs
 from padim_ray import stc
-from padim_ray.storage import commit_store, holds_progress, staged_store
+from padim_ray.publish import commit_store, holds_progress, staged_store
 from padim_ray.store import MODEL_STORE, read_scores
 from conftest import relative_error, start_local_ray
 from holding import RELEASE_ENV, HeldScorer
