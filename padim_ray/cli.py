@@ -45,7 +45,8 @@ class Source(str, Enum):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages, show Ray workers' output and tracebacks.")] = False) -> None:
-    from padim_ray.runtime import handle_stop_signals, show_worker_logs
+    from padim_ray.runtime import show_worker_logs
+    from padim_ray.stop_signals import handle_stop_signals
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # storage clients log every credential lookup at INFO
@@ -86,7 +87,7 @@ def _one_line_errors():
 
 def _interrupted() -> tuple[str, int]:
     """The last line and exit code of a run stopped by Ctrl-C (SIGINT) or a stop signal (SIGTERM, SIGHUP)."""
-    from padim_ray.runtime import stop_signal
+    from padim_ray.stop_signals import stop_signal
 
     signum = stop_signal()
     return (f"error: terminated by {signum.name}", 128 + signum) if signum else ("error: interrupted", 130)

@@ -24,9 +24,8 @@ from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, merge_stats
 from padim_ray.checkpoint import CheckpointError, Checkpoints, checkpoint_shards, default_checkpoint_dir, lost_marker, save_checkpoint
 from padim_ray.config import FORMAT_VERSION
-from padim_ray.runtime import (
-    ActorSpec, Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
-)
+from padim_ray.runtime import ActorSpec, connect, describe_plan, plan_actors, start_actors, user_errors
+from padim_ray.streaming import Progress, SplitConsumer, raise_first_failure, stream_to_actors
 from padim_ray.files import Location
 from padim_ray.publish import PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, StoreError, create_model_store, open_model, publish_model, write_shard
