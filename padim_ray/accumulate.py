@@ -21,10 +21,9 @@ from padim_ray.config import ClusterConfig
 from padim_ray.errors import PadimError, first_line
 from padim_ray.gaussian import GaussianStats, StatsAccumulator
 from padim_ray.reduce import per_shard, reduce_tree, shard_bounds, shard_refs
-from padim_ray.runtime import (
-    ActorSpec, Progress, SplitConsumer, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors,
-)
-from padim_ray.storage import Location
+from padim_ray.files import Location
+from padim_ray.runtime import ActorSpec, describe_plan, plan_actors, start_actors
+from padim_ray.streaming import Progress, SplitConsumer, raise_first_failure, stream_to_actors
 from padim_ray.video import WorkUnit
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def accumulate(
 
     `frames_for(todo, credits)` gives the Ray Dataset of the units in `todo` (unit id -> frame
     indices to leave out, empty for a whole unit), shaped like the decoder's output, its decoding
-    held back by `credits` (see runtime.stream_to_actors). The `starting` statistics (an updated
+    held back by `credits` (see streaming.stream_to_actors). The `starting` statistics (an updated
     model's) and the files in `checkpoints` (an earlier run's) are merged in and their frames not
     redone. When actors are lost, the frames they held since their last checkpoint are redone on the
     others (or on a new set of actors if none is left), up to `cluster.max_retries` lost actors. A

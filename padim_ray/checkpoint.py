@@ -22,7 +22,8 @@ import ray
 from padim_ray.accounting import Accounting
 from padim_ray.errors import PadimError
 from padim_ray.gaussian import StatsAccumulator
-from padim_ray.storage import Lease, Location, StorageError, make_parent_folders
+from padim_ray.files import Location, StorageError, make_parent_folders
+from padim_ray.leases import Lease
 
 IDENTITY_FILE = "fit.json"
 OWN_FILES = (IDENTITY_FILE, "actor-*.npz", "claimed-actor-*.npz", "actor-*.npz.lost", ".actor-*.tmp", f".{IDENTITY_FILE}.*.tmp")

@@ -8,34 +8,24 @@ import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from padim_ray.backbones import BACKBONES
+from padim_ray.cli_options import Address, CheckpointOptions, ClusterOptions, SkipBadInputs, option_groups
 from padim_ray.config import BACKBONE_DTYPES, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.synthetic import SyntheticSpec
+
+if TYPE_CHECKING:
+    from padim_ray.fit_stc import StcFit
 
 app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
 
 DEFAULT_STC_ROOT = os.environ.get("PADIM_RAY_STC_ROOT", "data/shanghaitech")
 Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
 BackboneDtype = Enum("BackboneDtype", {name: name for name in BACKBONE_DTYPES}, type=str)
-
-
-# options shared by every command that runs on Ray
-BatchSize = Annotated[Optional[int], typer.Option(help="Frames per forward pass (16 on CPU, 32 on a GPU).")]
-Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
-GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
-GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]
-ResourceWait = Annotated[float, typer.Option(help="Seconds actors may wait for room on a joined cluster whose free CPUs/GPUs other jobs hold, before the command fails.")]
-CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
-Address = Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto: any on this machine); default $RAY_ADDRESS (set inside a Ray job), else a new local Ray of this command's own.")]
-CheckpointDir = Annotated[Optional[str], typer.Option(help="Where progress is checkpointed, folder or URI (default: .OUT.checkpoint next to the output).")]
-CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
-MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]
-SkipBadInputs = Annotated[bool, typer.Option(help="Leave out inputs that cannot be decoded (listed in the model) instead of stopping.")]
 
 
 class Source(str, Enum):
@@ -45,7 +35,8 @@ class Source(str, Enum):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages, show Ray workers' output and tracebacks.")] = False) -> None:
-    from padim_ray.runtime import handle_stop_signals, show_worker_logs
+    from padim_ray.runtime import show_worker_logs
+    from padim_ray.stop_signals import handle_stop_signals
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # storage clients log every credential lookup at INFO
@@ -86,7 +77,7 @@ def _one_line_errors():
 
 def _interrupted() -> tuple[str, int]:
     """The last line and exit code of a run stopped by Ctrl-C (SIGINT) or a stop signal (SIGTERM, SIGHUP)."""
-    from padim_ray.runtime import stop_signal
+    from padim_ray.stop_signals import stop_signal
 
     signum = stop_signal()
     return (f"error: terminated by {signum.name}", 128 + signum) if signum else ("error: interrupted", 130)
@@ -103,6 +94,7 @@ def _write_traceback(error: BaseException) -> Path:
 
 
 @app.command()
+@option_groups
 def fit(
     source: Annotated[Source, typer.Argument(help="stc: a ShanghaiTech scene; videos: the PATHS given.")],
     paths: Annotated[Optional[list[str]], typer.Argument(help="Videos or folders of frames, paths or URIs (source videos).")] = None,
@@ -117,16 +109,9 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed of the channel subset (and of random init).")] = ModelConfig.seed,
     frame_stride: Annotated[int, typer.Option(help="Use every n-th frame.")] = ModelConfig.frame_stride,
     backbone_dtype: Annotated[BackboneDtype, typer.Option(help="Backbone arithmetic: float32 (strict, no TF32) or bfloat16 (autocast); recorded in the model.")] = BackboneDtype.float32,
-    batch_size: BatchSize = ClusterConfig.batch_size,
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = None,
-    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
-    resource_wait: ResourceWait = ClusterConfig.resource_wait,
-    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    cluster_options: ClusterOptions = ClusterOptions(),
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
-    checkpoint_dir: CheckpointDir = None,
-    checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
-    max_retries: MaxRetries = ClusterConfig.max_retries,
+    checkpoints: CheckpointOptions = CheckpointOptions(),
     skip_bad_inputs: SkipBadInputs = False,
     address: Address = None,
 ) -> None:
@@ -135,50 +120,41 @@ def fit(
     Rerunning an interrupted fit resumes it from its checkpoints.
     """
     from padim_ray.fit import fit_model
+    from padim_ray.fit_stc import StcFit, fit_stc_scene
     from padim_ray.video import InputPolicy
-    from padim_ray.stc import scene_path, scene_videos, select_scenes, training_scenes
 
     with _one_line_errors():
         model = ModelConfig(
             backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride,
             backbone_dtype=backbone_dtype.value,
         )
-        cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size, fan_in=fan_in,
-            checkpoint_every=checkpoint_every, max_retries=max_retries,
-        )
+        cluster = cluster_options.config(fan_in=fan_in, checkpoint_every=checkpoints.checkpoint_every, max_retries=checkpoints.max_retries)
         if source is Source.stc:
-            if not scene or paths:
-                raise PadimError("fit stc takes --scene (e.g. --scene 01, 01,04 or all) and no PATHS")
-            if out is None:
-                out = os.path.join("models", f"stc_{{scene}}_{backbone.value}")
-            if scene == "all" or "," in scene:
-                scenes = select_scenes(scene, training_scenes(root) if scene.strip() == "all" else [])
-                return _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs)
-            inputs = scene_videos(root, scene)
-            out, checkpoint_dir = scene_path(out, scene), checkpoint_dir and scene_path(checkpoint_dir, scene)
+            stc = StcFit.select(root, scene, paths, out, checkpoints.checkpoint_dir, backbone.value)
+            if stc.many:
+                return _fit_scenes(stc, model, cluster, overwrite, address, InputPolicy(skip_bad_inputs))
+            result = fit_stc_scene(stc, model, cluster, overwrite, address, InputPolicy(skip_bad_inputs))
+        elif not paths or out is None:
+            raise PadimError("fit videos takes one or more PATHS and --out MODEL")
         else:
-            if not paths or out is None:
-                raise PadimError("fit videos takes one or more PATHS and --out MODEL")
-            inputs = paths
-        result = fit_model(
-            inputs, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs),
-        )
+            result = fit_model(
+                paths, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoints.checkpoint_dir,
+                input_policy=InputPolicy(skip_bad_inputs),
+            )
     _echo_fit(result)
 
 
-def _fit_scenes(scenes, root, out, checkpoint_dir, model, cluster, overwrite, address, skip_bad_inputs) -> None:
+def _fit_scenes(stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwrite: bool, address: str | None, input_policy) -> None:
     """`fit stc` over several scenes: one model each, one progress bar, a summary table."""
     import time
 
     from padim_ray.scenes import fit_scenes, format_scene_table, plan_scenes
-    from padim_ray.video import InputPolicy
 
     started = time.monotonic()
-    fits = plan_scenes(root, scenes, out, checkpoint_dir, overwrite, model)
-    typer.echo(f"fitting {len(fits)} scenes ({', '.join(scenes)}) -> {out}", err=True)
+    fits = plan_scenes(stc.root, stc.scenes, stc.out, stc.checkpoint_dir, overwrite, model)
+    typer.echo(f"fitting {len(fits)} scenes ({', '.join(stc.scenes)}) -> {stc.out}", err=True)
     try:
-        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, input_policy=InputPolicy(skip_bad_inputs))
+        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, input_policy=input_policy)
     except KeyboardInterrupt:
         _exit_interrupted_scenes()
     typer.echo(format_scene_table(fits, time.monotonic() - started))
@@ -210,21 +186,15 @@ def _echo_fit(result) -> None:
 
 
 @app.command()
+@option_groups
 def update(
     model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI); replaced when done unless --out.")],
     inputs: Annotated[list[str], typer.Argument(help="New videos or folders of frames to merge in (paths or URIs).")],
     out: Annotated[Optional[str], typer.Option(help="Write the updated model here instead (required for a model on object storage).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     force: Annotated[bool, typer.Option(help="Merge inputs the model already holds (their frames count twice).")] = False,
-    batch_size: BatchSize = ClusterConfig.batch_size,
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = None,
-    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
-    resource_wait: ResourceWait = ClusterConfig.resource_wait,
-    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
-    checkpoint_dir: CheckpointDir = None,
-    checkpoint_every: CheckpointEvery = ClusterConfig.checkpoint_every,
-    max_retries: MaxRetries = ClusterConfig.max_retries,
+    cluster_options: ClusterOptions = ClusterOptions(),
+    checkpoints: CheckpointOptions = CheckpointOptions(),
     skip_bad_inputs: SkipBadInputs = False,
     address: Address = None,
 ) -> None:
@@ -233,17 +203,16 @@ def update(
     from padim_ray.video import InputPolicy
 
     with _one_line_errors():
-        cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-            checkpoint_every=checkpoint_every, max_retries=max_retries,
-        )
+        cluster = cluster_options.config(checkpoint_every=checkpoints.checkpoint_every, max_retries=checkpoints.max_retries)
         result = update_model(
-            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs), out=out, overwrite=overwrite,
+            model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoints.checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs),
+            out=out, overwrite=overwrite,
         )
     _echo_fit(result)
 
 
 @app.command()
+@option_groups
 def score(
     model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI).")],
     inputs: Annotated[list[str], typer.Argument(help="Videos and folders of frames to score (paths or URIs).")],
@@ -252,12 +221,7 @@ def score(
     map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
     blur_at: Annotated[str, typer.Option(help="model: blur at the model's input size, as the paper (default); map: at the map size.")] = ScoreConfig.blur_at,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing map store.")] = False,
-    batch_size: BatchSize = ClusterConfig.batch_size,
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = None,
-    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
-    resource_wait: ResourceWait = ClusterConfig.resource_wait,
-    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    cluster_options: ClusterOptions = ClusterOptions(),
     max_retries: Annotated[int, typer.Option(help="Scoring actors that may be lost before scoring stops (rerun to resume).")] = ClusterConfig.max_retries,
     address: Address = None,
 ) -> None:
@@ -268,18 +232,15 @@ def score(
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
-        cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor,
-            batch_size=batch_size, max_retries=max_retries,
-        )
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
-        result = score_inputs(model, inputs, out, map_size, score_config, cluster, overwrite, address)
+        result = score_inputs(model, inputs, out, map_size, score_config, cluster_options.config(max_retries=max_retries), overwrite, address)
     resumed = f", {result.resumed_frames} kept from the stopped run" if result.resumed_frames else ""
     recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s{resumed}{recovered})")
 
 
 @app.command()
+@option_groups
 def evaluate(
     source: Annotated[Source, typer.Argument(help="stc: ShanghaiTech test clips and masks.")],
     scene: Annotated[str, typer.Option(help="Scene id (01), a list (01,04), or all (every scene with a model).")],
@@ -288,29 +249,20 @@ def evaluate(
     model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
     out: Annotated[str, typer.Option(help="Folder or URI for metrics.json, roc.png, scores.png (and maps).")] = "evaluation",
     overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
-    batch_size: BatchSize = ClusterConfig.batch_size,
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = None,
-    gpu_wait: GpuWait = ClusterConfig.gpu_wait,
-    resource_wait: ResourceWait = ClusterConfig.resource_wait,
-    cpus_per_actor: CpusPerActor = ClusterConfig.cpus_per_actor,
+    cluster_options: ClusterOptions = ClusterOptions(),
     address: Address = None,
 ) -> None:
     """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks.
 
     With --model, the test clips are scored first, by scoring actors sized as `score`'s are.
     """
-    from padim_ray.evaluate import evaluate_stc, format_table
-    from padim_ray.storage import Location
+    from padim_ray.evaluate import ScoringOptions, evaluate_stc, format_table
+    from padim_ray.files import Location
 
     with _one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
-        cluster = ClusterConfig(
-            actors=actors, gpus_per_actor=gpus_per_actor, gpu_wait=gpu_wait, resource_wait=resource_wait, cpus_per_actor=cpus_per_actor,
-            batch_size=batch_size,
-        )
-        reports = evaluate_stc(root, scene, out, maps, model, {"overwrite": overwrite, "address": address, "cluster": cluster})
+        reports = evaluate_stc(root, scene, out, maps, model, ScoringOptions(cluster_options.config(), overwrite=overwrite, address=address))
     typer.echo(format_table(reports))
     typer.echo(f"report: {Location(out) / 'metrics.json'}")
 

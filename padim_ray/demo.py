@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from padim_ray.config import ModelConfig
-from padim_ray.evaluate import SceneReport, evaluate_stc, format_table
+from padim_ray.evaluate import SceneReport, ScoringOptions, evaluate_stc, format_table
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos, test_clips
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.viz import render_input
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def run_demo(workdir: str | Path, address: str | None = None) -> DemoResult:
     root = make_synthetic(workdir / "data", DEMO_DATA)
     fitted = fit_model(scene_videos(root, "01"), workdir / "model", DEMO_MODEL, overwrite=True, address=address)
     evaluation = workdir / "evaluation"
-    [report] = evaluate_stc(root, "01", evaluation, model=str(fitted.out), score_kwargs={"overwrite": True, "address": address})
+    [report] = evaluate_stc(root, "01", evaluation, model=str(fitted.out), scoring=ScoringOptions(overwrite=True, address=address))
     maps = evaluation / "maps_01"
     clip = test_clips(root, "01")[0]
     video = render_input(maps, clip, workdir / f"{clip.name}.mp4", overwrite=True)

@@ -15,13 +15,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from padim_ray.config import ClusterConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.metrics import PixelHistograms, frame_auroc
 from padim_ray.stc import load_masks, mask_paths, test_clips
-from padim_ray.storage import Location, is_committed, make_parent_folders
+from padim_ray.files import Location, make_parent_folders
+from padim_ray.publish import is_committed
 from padim_ray.store import open_maps, read_scores
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How `evaluate --model` scores the test clips first: as `padim-ray score` would with these options."""
+
+    cluster: ClusterConfig = ClusterConfig()
+    score: ScoreConfig = ScoreConfig()
+    overwrite: bool = False  # replace maps written before by another model or settings
+    address: str | None = None  # the Ray cluster to join (see runtime.connect)
 
 
 @dataclass
@@ -128,13 +140,14 @@ def evaluate_stc(
     out: str | Path | Location,
     maps: str | None = None,
     model: str | None = None,
-    score_kwargs: dict | None = None,
+    scoring: ScoringOptions = ScoringOptions(),
 ) -> list[SceneReport]:
     """Evaluate one scene, a list (`"01,04"`), or every scene with a model (`"all"`), scoring first when `model` is given
     (scenes whose maps that model scored before are reused: a rerun after a stop resumes scene by scene).
 
-    `maps` and `model` may contain `{scene}`, e.g. `models/stc_{scene}_resnet18`. Writes one folder of
-    metrics and plots per scene and a `metrics.json` of all scenes under `out`.
+    `maps` and `model` may contain `{scene}`, e.g. `models/stc_{scene}_resnet18`; `scoring` says how
+    `model` scores. Writes one folder of metrics and plots per scene and a `metrics.json` of all scenes
+    under `out`.
     """
     from padim_ray.stc import scene_path, select_scenes, test_scenes
 
@@ -158,7 +171,7 @@ def evaluate_stc(
     for s in scenes:
         maps_path = maps_paths[s]
         if model is not None:
-            _score_scene(scene_path(model, s), test_clips(root, s), maps_path, score_kwargs or {})
+            _score_scene(scene_path(model, s), test_clips(root, s), maps_path, scoring)
         report = evaluate_scene(root, s, maps_path)
         write_report(report, out / f"scene_{s}")
         reports.append(report)
@@ -166,12 +179,13 @@ def evaluate_stc(
     return reports
 
 
-def _score_scene(model: str, clips: list, maps_path: Location, score_kwargs: dict) -> None:
+def _score_scene(model: str, clips: list, maps_path: Location, scoring: ScoringOptions) -> None:
     """Score a scene's test clips into `maps_path`, unless `model` scored exactly these there before."""
-    from padim_ray.config import ScoreConfig
     from padim_ray.score import score_inputs, scored_with
 
-    if scored_with(maps_path, model, clips, score_kwargs.get("score", ScoreConfig())):
+    if scored_with(maps_path, model, clips, scoring.score):
         log.info("evaluate: %s already holds these clips scored by %s: reusing them", maps_path, model)
         return
-    score_inputs(model, clips, maps_path, **score_kwargs)
+    score_inputs(
+        model, clips, maps_path, score=scoring.score, cluster=scoring.cluster, overwrite=scoring.overwrite, address=scoring.address,
+    )

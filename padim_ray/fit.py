@@ -21,7 +21,8 @@ from padim_ray.embedding import Embedder
 from padim_ray.frames import frames_dataset
 from padim_ray.reduce import finalize_shard, shard_bounds, shard_refs, stored_shards
 from padim_ray.runtime import connect, user_errors
-from padim_ray.storage import Location, PendingStore, staged_store
+from padim_ray.files import Location
+from padim_ray.publish import PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, ModelAttributes, StoreError, create_model_store, open_model, publish_model
 from padim_ray.video import InputPolicy, VideoError, WorkUnit, expand_inputs, iter_unit_frames, make_units
 

@@ -54,7 +54,7 @@ def decode_units(
     `input_policy.skip_bad`, a unit that fails to decode ends with one row whose `unit_total` is
     BAD_UNIT instead of raising (rows emitted before the failure must then be discarded by the
     consumer's caller).
-    With `credits` (a runtime.FrameCredits actor), each block waits for credit for its rows first.
+    With `credits` (a streaming.FrameCredits actor), each block waits for credit for its rows first.
     """
     for block in _decode_blocks(batch, size, stride, decode_batch, skip, input_policy):
         if credits is not None:

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.store import open_model, write_shard
 
 

@@ -26,7 +26,9 @@ from padim_ray.errors import PadimError
 from padim_ray.fit import FitResult, fit_model
 from padim_ray.runtime import connect
 from padim_ray.stc import scene_path, scene_videos
-from padim_ray.storage import WRITING_MARKER, Location, StorageError, is_committed, make_parent_folders
+from padim_ray.files import Location, StorageError, make_parent_folders
+from padim_ray.leases import WRITING_MARKER
+from padim_ray.publish import is_committed
 from padim_ray.store import open_model
 from padim_ray.video import InputPolicy
 

@@ -24,10 +24,10 @@ from padim_ray.frames import frames_dataset
 from padim_ray.gaussian import mahalanobis
 from padim_ray.maps import anomaly_maps, gaussian_kernel
 from padim_ray.accounting import Accounting
-from padim_ray.runtime import (
-    Progress, SplitConsumer, connect, describe_plan, plan_actors, raise_first_failure, start_actors, stream_to_actors, user_errors,
-)
-from padim_ray.storage import Location, PendingStore, holds_progress, is_committed, staged_store
+from padim_ray.runtime import connect, describe_plan, plan_actors, start_actors, user_errors
+from padim_ray.streaming import Progress, SplitConsumer, raise_first_failure, stream_to_actors
+from padim_ray.files import Location
+from padim_ray.publish import PendingStore, holds_progress, is_committed, staged_store
 from padim_ray.store import (
     MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, publish_maps, read_progress,
     read_scores, trim_map_arrays, write_scores,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from padim_ray.errors import PadimError
-from padim_ray.storage import Location
+from padim_ray.files import Location
 
 SCENE_PATTERN = re.compile(r"^\d{2}$")
 
@@ -26,9 +26,7 @@ def scene_videos(root: str | Path | Location, scene: str) -> list[Location]:
         raise LayoutError(f"scene {scene!r} is not a two-digit STC scene id like 01")
     if not root.is_dir():
         raise LayoutError(f"STC root {root} not found; pass --root pointing at the folder that holds training/ and testing/")
-    videos_dir = root / "training" / "videos"
-    if not videos_dir.is_dir():
-        raise LayoutError(f"{videos_dir} not found; --root must hold training/videos/SS_VVV.avi (ShanghaiTech layout)")
+    videos_dir = _training_videos(root)
     videos = [video for video in videos_dir.iterdir() if fnmatch.fnmatch(video.name, f"{scene}_*.avi")]
     if not videos:
         raise LayoutError(f"no training videos for scene {scene} in {videos_dir} (expected {scene}_001.avi, ...)")
@@ -37,9 +35,7 @@ def scene_videos(root: str | Path | Location, scene: str) -> list[Location]:
 
 def training_scenes(root: str | Path | Location) -> list[str]:
     """Scene ids that have training videos."""
-    videos_dir = Location(root) / "training" / "videos"
-    if not videos_dir.is_dir():
-        raise LayoutError(f"{videos_dir} not found; --root must hold training/videos/SS_VVV.avi (ShanghaiTech layout)")
+    videos_dir = _training_videos(root)
     return sorted({v.name[:2] for v in videos_dir.iterdir() if fnmatch.fnmatch(v.name, "[0-9][0-9]_*.avi")})
 
 
@@ -63,9 +59,7 @@ def select_scenes(text: str, available: list[str]) -> list[str]:
 
 def test_clips(root: str | Path | Location, scene: str) -> list[Location]:
     """The test clip folders `root/testing/frames/SS_CCCC` of one scene, in order."""
-    frames_dir = Location(root) / "testing" / "frames"
-    if not frames_dir.is_dir():
-        raise LayoutError(f"{frames_dir} not found; --root must hold testing/frames/SS_CCCC/ (ShanghaiTech layout)")
+    frames_dir = _test_frames(root)
     clips = [p for p in frames_dir.iterdir() if fnmatch.fnmatch(p.name, f"{scene}_*") and p.is_dir()]
     if not clips:
         raise LayoutError(f"no test clips for scene {scene} in {frames_dir} (scene 13 has none in STC)")
@@ -74,9 +68,7 @@ def test_clips(root: str | Path | Location, scene: str) -> list[Location]:
 
 def test_scenes(root: str | Path | Location) -> list[str]:
     """Scene ids that have test clips."""
-    frames_dir = Location(root) / "testing" / "frames"
-    if not frames_dir.is_dir():
-        raise LayoutError(f"{frames_dir} not found; --root must hold testing/frames/SS_CCCC/ (ShanghaiTech layout)")
+    frames_dir = _test_frames(root)
     return sorted({p.name[:2] for p in frames_dir.iterdir() if "_" in p.name and SCENE_PATTERN.match(p.name[:2])})
 
 
@@ -109,3 +101,18 @@ def _load_npy(path: Location, mmap: bool = False) -> np.ndarray:
         return np.load(io.BytesIO(path.read_bytes()))
     except ValueError as err:
         raise LayoutError(f"mask file {path} is not a readable .npy array ({err}); restore it from the STC archive") from None
+
+
+def _training_videos(root: str | Path | Location) -> Location:
+    return _layout_folder(Location(root) / "training" / "videos", "training/videos/SS_VVV.avi")
+
+
+def _test_frames(root: str | Path | Location) -> Location:
+    return _layout_folder(Location(root) / "testing" / "frames", "testing/frames/SS_CCCC/")
+
+
+def _layout_folder(folder: Location, holds: str) -> Location:
+    """`folder`, which must exist; else the error says what --root must hold."""
+    if not folder.is_dir():
+        raise LayoutError(f"{folder} not found; --root must hold {holds} (ShanghaiTech layout)")
+    return folder

@@ -11,7 +11,7 @@ Layout of MODEL/ (a zarr v3 group):
 Every array is chunked along positions only, one chunk per reduction shard, so each reducer writes
 whole chunks (zarr read-modify-writes chunks: two writers in one chunk would race).
 
-Stores may be local folders or object-storage URIs. Both are built with storage.begin_store and
+Stores may be local folders or object-storage URIs. Both are built with publish.begin_store and
 published with commit_store: the root metadata (the model group's, or a map store's maps.zarr's)
 is the last write, so nothing opens as a store before it is complete.
 """
@@ -28,9 +28,9 @@ import zarr
 from padim_ray.config import FORMAT_VERSION, MAPS_FORMAT_VERSION, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.video import NOT_LAST
-from padim_ray.storage import (
-    ROOT_METADATA, WRITING_MARKER, Location, PendingStore, StoreKind, commit_store, is_committed, storage_errors,
-)
+from padim_ray.files import Location, storage_errors
+from padim_ray.leases import WRITING_MARKER
+from padim_ray.publish import ROOT_METADATA, PendingStore, StoreKind, commit_store, is_committed
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input

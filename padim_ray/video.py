@@ -21,7 +21,7 @@ import numpy as np
 
 from padim_ray.config import MAX_FRAME_SIDE
 from padim_ray.errors import PadimError, first_line
-from padim_ray.storage import Location
+from padim_ray.files import Location
 
 log = logging.getLogger(__name__)
 

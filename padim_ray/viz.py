@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from padim_ray.config import MAX_FPS, between, require  # noqa: E402
 from padim_ray.errors import PadimError  # noqa: E402
-from padim_ray.storage import Location, make_parent_folders  # noqa: E402
+from padim_ray.files import Location, make_parent_folders  # noqa: E402
 
 
 def _save(fig, path: Location, **options) -> Location:

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from padim_ray.config import ClusterConfig, ModelConfig
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
 
 # a small but real model: random-init ResNet18, 64x64 input -> 16x16 = 256 positions, d = 16

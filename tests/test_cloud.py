@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.store import open_maps, open_model, read_scores
 from conftest import BUCKET, relative_error, set_moto_auth
 from test_cli import SMALL_FIT, assert_clean_failure, run

@@ -24,7 +24,8 @@ from padim_ray.config import ClusterConfig, ConfigError, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.fit import _identity
 from padim_ray import runtime
-from padim_ray.runtime import ClusterError, choose_device, plan_actors
+from padim_ray.devices import choose_device
+from padim_ray.runtime import ClusterError, plan_actors
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit
 from conftest import SMALL_MODEL, relative_error
@@ -33,7 +34,7 @@ from conftest import SMALL_MODEL, relative_error
 PROBE_ACTORS = """
 import json, sys, tempfile
 import ray
-from padim_ray.runtime import SplitConsumer
+from padim_ray.streaming import SplitConsumer
 
 @ray.remote
 class Probe(SplitConsumer):

@@ -76,7 +76,7 @@ def test_the_local_tour_runs_as_written_in_a_fresh_folder(ray_local, stc_root, t
     """README's fitting and scoring commands in order, each on the outputs of those before it, in a folder
     without models/ or maps/: the STC root is the synthetic one, cam1/ holds copies of its footage, and
     the model is small (random weights)."""
-    caplog.set_level(logging.INFO, logger="padim_ray.storage")
+    caplog.set_level(logging.INFO, logger="padim_ray.files")
     monkeypatch.chdir(tmp_path)
     videos = sorted((stc_root / "training" / "videos").glob("01_*.avi"))
     Path("cam1").mkdir()

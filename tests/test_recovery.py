@@ -24,7 +24,7 @@ from padim_ray.accumulate import FitLostError, accumulate, actor_name
 from padim_ray.fit import fit_model, update_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
-from padim_ray.storage import Location, StorageError
+from padim_ray.files import Location, StorageError
 from conftest import SMALL_MODEL, relative_error, start_local_ray
 from holding import RELEASE_ENV, held_identity_embedder
 from test_fit import DIMS, GRID, embeddings_dataset

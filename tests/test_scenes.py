@@ -9,7 +9,7 @@ import pytest
 from padim_ray.config import ClusterConfig
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos
-from padim_ray.storage import Location
+from padim_ray.files import Location
 from padim_ray.store import open_model
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
 from conftest import SMALL_MODEL, relative_error

@@ -29,10 +29,10 @@ import zarr
 
 import padim_ray.score
 from padim_ray.config import ClusterConfig, ScoreConfig
-from padim_ray.evaluate import evaluate_stc
+from padim_ray.evaluate import ScoringOptions, evaluate_stc
 from padim_ray.score import score_inputs
 from padim_ray import stc
-from padim_ray.storage import commit_store, holds_progress, staged_store
+from padim_ray.publish import commit_store, holds_progress, staged_store
 from padim_ray.store import MODEL_STORE, read_scores
 from conftest import relative_error, start_local_ray
 from holding import RELEASE_ENV, HeldScorer
@@ -150,7 +150,7 @@ def test_evaluate_rerun_reuses_scored_scenes(ray_local, small_model, stc_root, t
     root_metadata = out / "maps_01" / "maps.zarr" / "zarr.json"
     written = root_metadata.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="padim_ray.evaluate"):
-        [report] = evaluate_stc(stc_root, "01", out, model=str(small_model), score_kwargs={"cluster": cluster})
+        [report] = evaluate_stc(stc_root, "01", out, model=str(small_model), scoring=ScoringOptions(cluster=cluster))
     assert f"{out / 'maps_01'} already holds these clips scored by {small_model}: reusing them" in caplog.text
     assert root_metadata.stat().st_mtime_ns == written  # not scored again
     assert report.pooled.frames == 12 and (out / "scene_01" / "metrics.json").is_file()

@@ -17,18 +17,11 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray import storage
+from padim_ray import leases
 from padim_ray.stc import LayoutError, scene_videos
-from padim_ray.storage import (
-    WRITING_MARKER,
-    Location,
-    StorageError,
-    abort_store,
-    begin_store,
-    commit_store,
-    staged_store,
-    storage_errors,
-)
+from padim_ray.files import Location, StorageError, storage_errors
+from padim_ray.leases import WRITING_MARKER
+from padim_ray.publish import abort_store, begin_store, commit_store, staged_store
 from padim_ray.store import MODEL_STORE
 from padim_ray.video import expand_inputs, index_video, iter_unit_frames, make_units
 from conftest import BUCKET, set_moto_auth
@@ -181,7 +174,7 @@ def test_publish_protocol(where):
 CRASHING_WRITER = """
 import os, signal, sys
 import numpy as np, zarr
-from padim_ray.storage import begin_store
+from padim_ray.publish import begin_store
 from padim_ray.store import MODEL_STORE
 pending = begin_store(sys.argv[1], overwrite=False, kind=MODEL_STORE)
 zarr.create_array(pending.array_store("orphan"), shape=(2,), dtype="f8", zarr_format=3)[:] = np.ones(2)
@@ -226,7 +219,7 @@ def test_a_prefix_with_foreign_files_is_never_cleared(prefix):
 def test_a_run_that_was_taken_over_cannot_commit(prefix, monkeypatch):
     target = prefix / "model.zarr"
     first = begin_store(target, overwrite=False, kind=MODEL_STORE)
-    monkeypatch.setattr(storage, "LEASE_STALE", 0.0)  # the first run's heartbeat is late: it counts as dead
+    monkeypatch.setattr(leases, "LEASE_STALE", 0.0)  # the first run's heartbeat is late: it counts as dead
     second = begin_store(target, overwrite=False, kind=MODEL_STORE)
     monkeypatch.undo()
     with pytest.raises(StorageError, match="another run took over"):
@@ -264,7 +257,7 @@ def test_a_stale_lease_is_taken_over(where, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = {"token": "0" * 32, "host": socket.gethostname(), "pid": int(dead.stdout), "started": 0.0, "heartbeat": 0.0}
     if target.is_remote:
-        holder.update(host="another-host", heartbeat=time.time() - storage.LEASE_STALE - 1)
+        holder.update(host="another-host", heartbeat=time.time() - leases.LEASE_STALE - 1)
     (target / WRITING_MARKER if target.is_remote else where / ".model.zarr.lock").write_bytes(json.dumps(holder).encode())
     pending = begin_store(target, overwrite=False, kind=MODEL_STORE)
     assert f"taking over the lease of pid {holder['pid']} on host {holder['host']}" in caplog.text

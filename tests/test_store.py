@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from padim_ray.storage import WRITING_MARKER, Location, StorageError, abort_store, begin_store, commit_store, staged_store
+from padim_ray.files import Location, StorageError
+from padim_ray.leases import WRITING_MARKER
+from padim_ray.publish import abort_store, begin_store, commit_store, staged_store
 from padim_ray.store import (
     MAP_STORE, MODEL_STORE, MapAttributes, ModelAttributes, StoreError, create_map_arrays, create_model_store, open_maps, open_model,
     publish_maps, publish_model, write_scores, write_shard,

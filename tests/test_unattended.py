@@ -91,7 +91,7 @@ def test_sighup_ends_a_command_in_one_line_with_129():
     script = (
         "import os, signal, typer\n"
         "from padim_ray.cli import _one_line_errors\n"
-        "from padim_ray.runtime import handle_stop_signals\n"
+        "from padim_ray.stop_signals import handle_stop_signals\n"
         "handle_stop_signals()\n"
         "try:\n"
         "    with _one_line_errors():\n"
@@ -137,9 +137,9 @@ class CheckpointFolderBreaker(Disturbance):
 def test_failed_checkpoint_saves_are_reported_on_the_driver_and_counted(ray_local, tmp_path, caplog):
     cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
     folder = tmp_path / "checkpoints"
-    with caplog.at_level(logging.WARNING, logger="padim_ray.runtime"):
+    with caplog.at_level(logging.WARNING, logger="padim_ray.streaming"):
         accumulated, _, _ = run_fit(cluster, folder, CheckpointFolderBreaker(folder))  # completes: every frame once
-    reported = [r.message for r in caplog.records if r.name == "padim_ray.runtime" and "cannot write checkpoint" in r.message]
+    reported = [r.message for r in caplog.records if r.name == "padim_ray.streaming" and "cannot write checkpoint" in r.message]
     assert reported and len(reported) == accumulated.warnings  # one line per failed save, all counted
     assert all("\n" not in message and "retrying in 0 s" in message for message in reported)
 

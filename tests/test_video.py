@@ -110,7 +110,7 @@ def test_decoding_waits_for_frame_credits(ray_local, stc_root):
 
     import ray
 
-    from padim_ray.runtime import FrameCredits
+    from padim_ray.streaming import FrameCredits
 
     units, _ = make_units(expand_inputs([stc_root / "training" / "videos" / "01_001.avi"]))
     credits = FrameCredits.remote(20)
