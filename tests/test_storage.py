@@ -31,7 +31,7 @@ from padim_ray.storage import (
 )
 from padim_ray.store import MODEL_STORE
 from padim_ray.video import expand_inputs, index_video, iter_unit_frames, make_units
-from conftest import BUCKET, set_moto_auth
+from helpers import BUCKET, set_moto_auth
 
 def tiny_video(frames: int = 8, size: int = 64) -> bytes:
     """An MPEG-4 video in memory whose frame i is the flat grey level 30 * i."""
