@@ -108,7 +108,9 @@ def fit(
     image_size: Annotated[int, typer.Option(help="Frames are resized to this square size.")] = ModelConfig.image_size,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset (and of random init).")] = ModelConfig.seed,
     frame_stride: Annotated[int, typer.Option(help="Use every n-th frame.")] = ModelConfig.frame_stride,
-    backbone_dtype: Annotated[BackboneDtype, typer.Option(help="Backbone arithmetic: float32 (strict, no TF32) or bfloat16 (autocast); recorded in the model.")] = BackboneDtype.float32,
+    backbone_dtype: Annotated[
+        BackboneDtype, typer.Option(help="Backbone arithmetic: float32 (strict, no TF32) or bfloat16 (autocast); recorded in the model.")
+    ] = BackboneDtype.float32,
     cluster_options: ClusterOptions = ClusterOptions(),
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
     checkpoints: CheckpointOptions = CheckpointOptions(),

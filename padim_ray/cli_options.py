@@ -15,9 +15,13 @@ BatchSize = Annotated[Optional[int], typer.Option(help="Frames per forward pass 
 Actors = Annotated[Optional[int], typer.Option(help="Actors (one per GPU, else one per node using all its cores).")]
 GpusPerActor = Annotated[Optional[float], typer.Option(help="GPUs per actor (1 if the cluster has GPUs).")]
 GpuWait = Annotated[float, typer.Option(help="Seconds to wait for the autoscaler to add the GPUs the actors need.")]
-ResourceWait = Annotated[float, typer.Option(help="Seconds actors may wait for room on a joined cluster whose free CPUs/GPUs other jobs hold, before the command fails.")]
+ResourceWait = Annotated[float, typer.Option(
+    help="Seconds actors may wait for room on a joined cluster whose free CPUs/GPUs other jobs hold, before the command fails."
+)]
 CpusPerActor = Annotated[Optional[float], typer.Option(help="CPUs reserved per actor, also its torch threads (whole node less decoding; 1 with GPUs).")]
-Address = Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto: any on this machine); default $RAY_ADDRESS (set inside a Ray job), else a new local Ray of this command's own.")]
+Address = Annotated[Optional[str], typer.Option(
+    help="Ray cluster to join (auto: any on this machine); default $RAY_ADDRESS (set inside a Ray job), else a new local Ray of this command's own."
+)]
 CheckpointDir = Annotated[Optional[str], typer.Option(help="Where progress is checkpointed, folder or URI (default: .OUT.checkpoint next to the output).")]
 CheckpointEvery = Annotated[float, typer.Option(help="Seconds between checkpoints of each stats actor.")]
 MaxRetries = Annotated[int, typer.Option(help="Stats actors that may be lost before the fit stops (rerun to resume).")]

@@ -1,55 +1,32 @@
-"""Shared fixtures: one local Ray instance per session, small synthetic STC data, small model configs."""
+"""Shared fixtures: one local Ray instance per session, an S3 server, small synthetic STC data, a small fitted model."""
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-import urllib.request
 import uuid
+from collections import Counter
 
-import numpy as np
 import pytest
 import ray
 
-from padim_ray.config import ClusterConfig, ModelConfig
+from padim_ray.config import ClusterConfig
 from padim_ray.files import Location
-from padim_ray.synthetic import SyntheticSpec, make_synthetic
-
-# a small but real model: random-init ResNet18, 64x64 input -> 16x16 = 256 positions, d = 16
-SMALL_MODEL = ModelConfig(backbone="resnet18", weights="none", image_size=64, dims=16)
-SMALL_DATA = SyntheticSpec(train_videos=2, train_frames=30, test_clips=1, test_frames=12, width=320, height=180)
-LOCAL_CPUS = 4  # logical CPUs of the test cluster: room for 3 actors of 0.5 CPU plus decoding
-BUCKET = "padim-test"  # on the test session's own S3 server (moto), never a real one
-_RAY_STARTED_WITH = {}  # the S3 endpoint the running local Ray's workers inherited
+from padim_ray.synthetic import make_synthetic
+from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, ray_started_with_endpoint, start_local_ray
 
 
-def start_local_ray() -> None:
-    """Start (or keep) the session's local Ray instance; tests that need another cluster stop it first.
-
-    Its own temp dir keeps it out of /tmp/ray, so `ray.init(address="auto")` elsewhere on the machine
-    (a user's padim-ray, a benchmark) never attaches to it, and the suite never touches theirs.
-    """
-    if not ray.is_initialized():
-        _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
-        ray.init(
-            address="local", num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False,
-            _temp_dir=tempfile.mkdtemp(prefix="padim-ray-tests-"),
-        )
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Files with the most slow tests first, each file's tests in their order: with `--dist loadfile` a
+    worker takes the next file when it finishes one, so both end on short files at about the same time."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable
 
 
 @pytest.fixture
 def ray_local():
     start_local_ray()
     yield
-
-
-def set_moto_auth(endpoint: str, count: str) -> None:
-    """Moto's IAM mode: "0" checks every request from now on, "inf" turns checks off."""
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
-    )
-    urllib.request.urlopen(request, timeout=10).read()
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +66,7 @@ def s3(tmp_path_factory):
 @pytest.fixture
 def ray_s3(s3):
     """The session's local Ray, restarted if its workers were started before the S3 variables were set."""
-    if ray.is_initialized() and _RAY_STARTED_WITH.get("endpoint") != s3:
+    if ray.is_initialized() and ray_started_with_endpoint() != s3:
         ray.shutdown()
     start_local_ray()
     yield
@@ -133,27 +110,6 @@ def stc_root(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("stc"), SMALL_DATA)
 
 
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max |actual - expected| / max |expected|."""
-    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
-def reference_gaussians(embeddings: np.ndarray, eps: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Two-pass float64 reference: np.mean and np.cov per position, plus eps * I.
-
-    Args:
-        embeddings: (N, d, h, w).
-    Returns:
-        mean (P, d) and covariance (P, d, d).
-    """
-    n, d = embeddings.shape[:2]
-    x = embeddings.reshape(n, d, -1).astype(np.float64).transpose(2, 0, 1)  # (P, N, d)
-    mean = x.mean(axis=1)
-    covariance = np.stack([np.cov(x[p], rowvar=False) for p in range(x.shape[0])]) + eps * np.eye(d)
-    return mean, covariance
-
-
 @pytest.fixture(scope="session")
 def small_model(stc_root, tmp_path_factory):
     """SMALL_MODEL fitted on the synthetic scene 01 (a real distributed fit)."""
@@ -162,5 +118,5 @@ def small_model(stc_root, tmp_path_factory):
 
     start_local_ray()
     out = tmp_path_factory.mktemp("models") / "small"
-    fit_model(scene_videos(stc_root, "01"), out, SMALL_MODEL, ClusterConfig(actors=1, cpus_per_actor=0.5))
+    fit_model(scene_videos(stc_root, "01"), out, SMALL_MODEL, SMALL_CLUSTER)
     return out

@@ -10,7 +10,7 @@ import torch
 
 from padim_ray.reduce import reduce_tree, shard_bounds
 from padim_ray.gaussian import StatsAccumulator, finalize
-from conftest import reference_gaussians, relative_error
+from helpers import reference_gaussians, relative_error
 
 GRID, DIMS = (6, 7), 12
 PARTIALS, FAN_IN = 7, 2

@@ -7,35 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from padim_ray.cli import app
 from padim_ray.store import open_model
-from conftest import relative_error
-
-SMALL_FIT = ["--weights", "none", "--image-size", "64", "--dims", "16", "--actors", "1", "--cpus-per-actor", "0.5"]
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *fragments: str, out: Path | None = None) -> None:
-    """Exit 1, the last stderr line is `error: ...` naming every fragment, no traceback, no store.
-
-    Lines echoed from Ray workers (prefixed "(Name pid=N)") are Ray's logs, not this process's output.
-    """
-    assert result.exit_code == 1, result.output
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in last
-    own_lines = [line for line in (result.output + result.stderr).splitlines() if "pid=" not in line]
-    assert not [line for line in own_lines if "Traceback" in line]
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-
+from helpers import SMALL_CLUSTER_OPTIONS, SMALL_FIT, assert_clean_failure, relative_error, run
 
 def test_missing_root(tmp_path):
     root, out = tmp_path / "nowhere", tmp_path / "model"
@@ -176,7 +150,7 @@ def test_failures_inside_ray_end_in_one_line_with_the_traceback_in_a_file(ray_lo
     for chunk in (model / "precision" / "c").rglob("*"):  # arrays read inside the score actors fail there
         if chunk.is_file():
             chunk.write_bytes(b"garbage")
-    result = run("score", model, stc_root / "testing" / "frames" / "01_0001", "--out", out, "--actors", "1", "--cpus-per-actor", "0.5")
+    result = run("score", model, stc_root / "testing" / "frames" / "01_0001", "--out", out, *SMALL_CLUSTER_OPTIONS)
     assert_clean_failure(result, "traceback in ", "--verbose shows it", out=out)
     log_file = result.stderr.strip().split("traceback in ")[1].split(";")[0]
     assert "Traceback" in Path(log_file).read_text()
@@ -185,7 +159,8 @@ def test_failures_inside_ray_end_in_one_line_with_the_traceback_in_a_file(ray_lo
 @pytest.mark.parametrize("fps", ["0", "-3", "100000"])
 def test_render_fps_is_bounded_before_anything_is_read(tmp_path, fps):
     out = tmp_path / "video.mp4"
-    assert_clean_failure(run("render", tmp_path / "no-maps", tmp_path / "no-clip", "--out", out, "--fps", fps), "--fps must be at least 1 and at most 240", out=out)
+    result = run("render", tmp_path / "no-maps", tmp_path / "no-clip", "--out", out, "--fps", fps)
+    assert_clean_failure(result, "--fps must be at least 1 and at most 240", out=out)
 
 
 def test_render_refuses_its_inputs_and_an_existing_out(tmp_path):

@@ -10,10 +10,9 @@ import pytest
 
 from padim_ray.files import Location
 from padim_ray.store import open_maps, open_model, read_scores
-from conftest import BUCKET, relative_error, set_moto_auth
-from test_cli import SMALL_FIT, assert_clean_failure, run
+from helpers import BUCKET, SMALL_CLUSTER_OPTIONS, SMALL_FIT, assert_clean_failure, relative_error, run, set_moto_auth
 
-SMALL_SCORE = ["--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "5", "--map-dtype", "float32"]
+SMALL_SCORE = [*SMALL_CLUSTER_OPTIONS, "--batch-size", "5", "--map-dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,7 @@ def only_objects(prefix: Location) -> list[str]:
     return [p.name for p in prefix.iterdir()] if prefix.exists() else []
 
 
+@pytest.mark.slow
 def test_fit_score_evaluate_from_and_to_the_bucket_equal_local(ray_s3, bucket_root, small_model, stc_root, prefix, tmp_path):
     model = prefix / "models" / "stc_01"
     result = run("fit", "stc", "--scene", "01", "--root", bucket_root, "--out", model, "--checkpoint-every", "0", *SMALL_FIT)
@@ -72,13 +72,14 @@ def test_fit_score_evaluate_from_and_to_the_bucket_equal_local(ray_s3, bucket_ro
     assert video.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_update_a_model_in_the_bucket(ray_s3, bucket_root, small_model, prefix):
     videos = bucket_root / "training" / "videos"
     first, updated = prefix / "first", prefix / "updated"
     assert run("fit", "videos", videos / "01_001.avi", "--out", first, *SMALL_FIT).exit_code == 0
-    refused = run("update", first, videos / "01_002.avi", "--actors", "1", "--cpus-per-actor", "0.5")
+    refused = run("update", first, videos / "01_002.avi", *SMALL_CLUSTER_OPTIONS)
     assert_clean_failure(refused, first.uri, "--out")
-    result = run("update", first, videos / "01_002.avi", "--out", updated, "--actors", "1", "--cpus-per-actor", "0.5")
+    result = run("update", first, videos / "01_002.avi", "--out", updated, *SMALL_CLUSTER_OPTIONS)
     assert result.exit_code == 0, result.output
     assert_models_equal(updated, small_model)
     assert open_model(first).attrs["frames"] == 30  # the base model is left as it was
@@ -130,9 +131,10 @@ def test_checkpoints_on_the_bucket_save_claim_and_read_back(ray_s3, prefix):
     assert not (prefix / "ckpt").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_stats_actor_is_redone_from_its_checkpoint_on_the_bucket(ray_s3, prefix):
     from padim_ray.config import ClusterConfig
-    from test_recovery import CHECKPOINT_EACH_BATCH, EMBEDDINGS, ActorKiller, run_fit
+    from helpers import CHECKPOINT_EACH_BATCH, EMBEDDINGS, ActorKiller, run_fit
 
     cluster = ClusterConfig(actors=2, cpus_per_actor=0.5, **CHECKPOINT_EACH_BATCH)
     accumulated, mean, m2 = run_fit(cluster, prefix / "checkpoints", ActorKiller(prefix / "checkpoints"))  # claims the file: copy + delete on S3

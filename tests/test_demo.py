@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import av
+import pytest
 
 from padim_ray.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_with_the_pretrained_backbone(ray_local, tmp_path, capsys):
     result = run_demo(tmp_path)
     pooled = result.report.pooled

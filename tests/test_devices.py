@@ -28,7 +28,7 @@ from padim_ray.devices import choose_device
 from padim_ray.runtime import ClusterError, plan_actors
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit
-from conftest import SMALL_MODEL, relative_error
+from helpers import SMALL_MODEL, relative_error
 
 # an actor built on SplitConsumer (as the stats and score actors are), on a local Ray with one fake GPU
 PROBE_ACTORS = """
@@ -54,6 +54,7 @@ def test_device_rule_follows_reserved_gpus_not_visible_ones():
     assert choose_device([0], cuda_available=False) == torch.device("cpu")  # a fake GPU: no CUDA behind it
 
 
+@pytest.mark.slow
 def test_actors_get_only_the_gpus_they_reserve():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", PROBE_ACTORS], env=env, capture_output=True, text=True, timeout=180)
@@ -121,6 +122,8 @@ print(json.dumps({"before": before, "after": {"default": plan(), "walkthrough": 
 """
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_cluster_that_grows_only_gpu_workers_is_planned_as_the_walkthrough_says():
     """Before the autoscaler adds a GPU worker the driver sees no GPU and no CPU: the default plan names
     --gpus-per-actor; cluster/README.md's options ask for the GPUs (and fail in one line without them)."""

@@ -13,15 +13,15 @@ from PIL import Image
 
 from padim_ray.config import FORMAT_VERSION
 from padim_ray.evaluate import resize_masks
-from test_cli import assert_clean_failure, run
+from helpers import SMALL_CLUSTER_OPTIONS, assert_clean_failure, run
 
-SMALL_SCORE = ["--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "5"]
+SMALL_SCORE = [*SMALL_CLUSTER_OPTIONS, "--batch-size", "5"]
 
 
 @pytest.fixture(scope="module")
 def scored(small_model, stc_root, tmp_path_factory):
     """The synthetic scene's test clip scored through the CLI."""
-    from conftest import start_local_ray
+    from helpers import start_local_ray
 
     start_local_ray()
     out = tmp_path_factory.mktemp("scored") / "maps"

@@ -12,74 +12,18 @@ import torch
 from padim_ray.config import ClusterConfig
 from padim_ray.embedding import Embedder
 from padim_ray.accounting import Accounting, FrameAccountingError
-from padim_ray.accumulate import accumulate
 from padim_ray.fit import fit_model
-from padim_ray.gaussian import finalize
 from padim_ray.runtime import ClusterError, plan_actors
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
 from padim_ray.video import NOT_LAST, WorkUnit, iter_unit_frames
-from conftest import SMALL_MODEL, reference_gaussians, relative_error
-
-GRID, DIMS = (5, 6), 8
+from helpers import SMALL_MODEL, assert_statistics_split_independent, reference_gaussians, relative_error
 
 
-# feeds the dataset's `frame` column (already embeddings) to the statistics unchanged; a lambda so
-# that Ray pickles it by value (workers cannot import this test module)
-identity_embedder = lambda device: lambda frames: torch.as_tensor(frames, device=device)  # noqa: E731
 
-
-def embeddings_dataset(embeddings: np.ndarray, rows_per_unit: int = 10):
-    """A source like the decoder's output whose `frame` column holds embeddings.
-
-    Returns (frames_for, units) for accumulate: frames_for(todo) streams the rows of the units in
-    `todo` less the frame indices listed there.
-    """
-    n = len(embeddings)
-    unit = np.arange(n) // rows_per_unit
-    index = np.arange(n) % rows_per_unit
-    total = np.full(n, NOT_LAST)
-    last = np.r_[unit[1:] != unit[:-1], True]
-    total[last] = np.bincount(unit)
-    rows = [{"frame": embeddings[i], "unit": unit[i], "index": index[i], "unit_total": total[i]} for i in range(n)]
-
-    def frames_for(todo: dict, credits) -> ray.data.Dataset:  # rows already in memory: nothing to hold back
-        wanted = [r for r in rows if int(r["unit"]) in todo and int(r["index"]) not in set(todo[int(r["unit"])].tolist())]
-        return ray.data.from_items(wanted, override_num_blocks=min(12, len(wanted)))
-
-    return frames_for, [WorkUnit(uid, f"unit{uid}") for uid in range(int(unit.max()) + 1)]
-
-
-def distributed_statistics(embeddings: np.ndarray, cluster: ClusterConfig):
-    """Run the real actor + tree-reduction path on given embeddings; returns (mean, m2, shards)."""
-    frames_for, units = embeddings_dataset(embeddings)
-    positions = GRID[0] * GRID[1]
-    accumulated = accumulate(frames_for, units, identity_embedder, positions, DIMS, cluster)
-    assert accumulated.accounting.check(units) == accumulated.count == len(embeddings)
-    shards = ray.get(accumulated.roots)
-    assert [s.positions for s in shards] == [stop - start for start, stop in accumulated.bounds]
-    mean = np.concatenate([s.mean.numpy() for s in shards])
-    m2 = np.concatenate([s.m2.numpy() for s in shards])
-    return mean, m2, shards
-
-
-def _split_independent_case(cluster_a: ClusterConfig, cluster_b: ClusterConfig) -> None:
-    rng = np.random.default_rng(7)
-    embeddings = rng.normal(1e4, 1.0, size=(203, DIMS, *GRID))  # mean = 1e4 x std
-    shard_bytes = 7 * DIMS * DIMS * 8  # 7 positions per shard: several shards, one partial
-    mean_a, m2_a, shards = distributed_statistics(embeddings, dataclasses.replace(cluster_a, shard_bytes=shard_bytes))
-    mean_b, m2_b, _ = distributed_statistics(embeddings, dataclasses.replace(cluster_b, shard_bytes=shard_bytes))
-    assert len(shards) == 5
-    assert relative_error(mean_a, mean_b) <= 1e-12
-    assert relative_error(m2_a, m2_b) <= 1e-12
-    ref_mean, ref_cov = reference_gaussians(embeddings)
-    covariance = np.concatenate([finalize(s, 0.01).covariance.numpy() for s in shards])
-    assert relative_error(mean_a, ref_mean) <= 1e-9
-    assert relative_error(covariance, ref_cov) <= 1e-9
-
-
+@pytest.mark.slow
 def test_statistics_do_not_depend_on_the_split(ray_local, actors1, actors3):
-    _split_independent_case(actors1, actors3)
+    assert_statistics_split_independent(actors1, actors3)
 
 
 def _direct_embeddings(videos, model) -> np.ndarray:
@@ -89,12 +33,13 @@ def _direct_embeddings(videos, model) -> np.ndarray:
     return torch.cat([embedder(frame[None]) for frame in frames]).numpy()
 
 
-def test_fit_end_to_end_matches_reference_and_actor_count(ray_local, stc_root, tmp_path, actors1, actors3):
+@pytest.mark.slow
+def test_fit_end_to_end_matches_reference_and_actor_count(ray_local, small_model, stc_root, tmp_path, actors3):
+    """Three actors equal one (`small_model`: SMALL_MODEL on scene 01 with one actor), and both the reference."""
     videos = scene_videos(stc_root, "01")
-    one = fit_model(videos, tmp_path / "one", SMALL_MODEL, actors1)
     three = fit_model(videos, tmp_path / "three", SMALL_MODEL, actors3)
-    a, b = open_model(one.out), open_model(three.out)
-    assert one.frames == three.frames == a.attrs["frames"] == 60
+    a, b = open_model(small_model), open_model(three.out)
+    assert three.frames == a.attrs["frames"] == b.attrs["frames"] == 60
     assert [s["frames"] for s in a.attrs["sources"]] == [30, 30]
     for name in ("mean", "covariance"):
         assert relative_error(b.read(name), a.read(name)) <= 1e-6

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, mahalanobis, merge_stats
-from conftest import reference_gaussians, relative_error
+from helpers import reference_gaussians, relative_error
 
 
 def _embeddings(rng, n, d=6, h=3, w=4, loc=0.0, scale=1.0):

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -18,14 +17,12 @@ from pathlib import Path
 import pytest
 import ray
 
-from padim_ray.fit import fit_model
-from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
-from conftest import SMALL_MODEL, relative_error, start_local_ray
-from test_cli import SMALL_FIT
+from helpers import BIN, SMALL_FIT, relative_error
 
-BIN = Path(sys.executable).parent  # the venv's ray and padim-ray
 RAY = str(BIN / "ray")
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a Ray cluster of its own; the session's local Ray stops meanwhile
 
 
 def free_ports(n: int) -> list[int]:
@@ -149,7 +146,7 @@ def ray_head():
     neither collides with nor touches any other Ray on the machine (`ray stop` would end them all); teardown
     ends exactly its processes (RayHead.stop). The session's local Ray is shut down meanwhile.
     """
-    ray.shutdown()
+    ray.shutdown()  # after the session-scoped fixtures the tests ask for (small_model) used it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's entrypoint must find padim-ray
     head = RayHead(env)
@@ -157,11 +154,12 @@ def ray_head():
         head.wait_ready()
         yield head
     finally:
-        ray.shutdown()  # the local Ray the test restarted; the next test that needs one starts it again
+        ray.shutdown()  # the next test that needs the local Ray starts it again
         head.stop()
 
 
-def test_job_submit_equals_direct_fit(ray_head, stc_root, tmp_path):
+def test_job_submit_equals_direct_fit(ray_head, small_model, stc_root, tmp_path):
+    """The job's model equals `small_model`: the same fit (SMALL_FIT's config), run directly on the local Ray."""
     out = tmp_path / "job_model"
     submit = [
         RAY, "job", "submit", "--address", f"http://127.0.0.1:{ray_head.dashboard_port}", "--",
@@ -170,11 +168,7 @@ def test_job_submit_equals_direct_fit(ray_head, stc_root, tmp_path):
     job = subprocess.run([str(a) for a in submit], env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout and f"model: {out} (60 frames" in job.stdout
-
-    ray_head.stop()  # back to the session's local Ray
-    start_local_ray()
-    direct = fit_model(scene_videos(stc_root, "01"), tmp_path / "direct", SMALL_MODEL)
-    submitted, reference = open_model(out), open_model(direct.out)
+    submitted, reference = open_model(out), open_model(small_model)
     assert submitted.attrs["frames"] == reference.attrs["frames"] == 60
     assert submitted.attrs["channel_indices"] == reference.attrs["channel_indices"]
     for name in ("mean", "covariance"):

@@ -13,15 +13,18 @@ from padim_ray.config import ClusterConfig
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
-from conftest import SMALL_MODEL, relative_error, start_local_ray
 from padim_ray.accumulate import actor_name
-from test_fit import _split_independent_case
-from test_recovery import CHECKPOINT_EACH_BATCH, Disturbance, run_fit
+from helpers import (
+    CHECKPOINT_EACH_BATCH, SMALL_MODEL, Disturbance, assert_statistics_split_independent, relative_error, run_fit,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a Ray cluster of its own; the session's local Ray stops meanwhile
 
 
 @pytest.fixture(scope="module")
-def three_nodes():
-    """Head + 2 workers, 2 + 1 + 1 logical CPUs, on this machine; restores the local Ray after."""
+def three_nodes(small_model):
+    """Head + 2 workers, 2 + 1 + 1 logical CPUs, on this machine; the local Ray is stopped meanwhile,
+    after it fitted `small_model` (the single-actor reference), and later tests start it again."""
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 300 << 20})
     for _ in range(2):
@@ -41,7 +44,7 @@ def spread_actors() -> ClusterConfig:
 
 def test_three_node_statistics_equal_single_actor(three_nodes, actors1):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
-    _split_independent_case(actors1, spread_actors())
+    assert_statistics_split_independent(actors1, spread_actors())
 
 
 class NodeRemover(Disturbance):
@@ -71,19 +74,14 @@ def test_lost_node_is_redone_exactly(three_nodes, tmp_path):
     three_nodes.wait_for_nodes()
 
 
-def test_three_node_fit_equals_local_single_actor_fit(three_nodes, stc_root, tmp_path, actors1):
+def test_three_node_fit_equals_local_single_actor_fit(three_nodes, small_model, stc_root, tmp_path):
+    """`small_model` is SMALL_MODEL fitted on scene 01 by one actor on the local Ray (before three_nodes)."""
     videos = scene_videos(stc_root, "01")
     earlier = {actor.actor_id for actor in list_actors(filters=[("class_name", "=", "StatsActor")])}
     multi = open_model(fit_model(videos, tmp_path / "multi", SMALL_MODEL, spread_actors()).out)
     stats_actors = [a for a in list_actors(filters=[("class_name", "=", "StatsActor")]) if a.actor_id not in earlier]
     assert len({actor.node_id for actor in stats_actors}) == 3  # one actor per node
-    ray.shutdown()
-    start_local_ray()
-    try:
-        single = open_model(fit_model(videos, tmp_path / "single", SMALL_MODEL, actors1).out)
-    finally:
-        ray.shutdown()
-        ray.init(address=three_nodes.address)
+    single = open_model(small_model)
     assert multi.attrs["frames"] == single.attrs["frames"] == 60
     for name in ("mean", "covariance"):
         assert relative_error(multi.read(name), single.read(name)) <= 1e-6

@@ -16,11 +16,10 @@ import typer
 
 from padim_ray.cli import app
 from padim_ray.store import open_model
-from test_cli import SMALL_FIT, run
+from helpers import SMALL_CLUSTER_OPTIONS, SMALL_FIT, run
 
 REPOSITORY = Path(__file__).parent.parent
 DOCS = [REPOSITORY / "README.md", REPOSITORY / "cluster" / "README.md"]
-SMALL_SCORE = ["--actors", "1", "--cpus-per-actor", "0.5"]
 
 
 def command_blocks(doc: Path) -> list[list[list[str]]]:
@@ -72,6 +71,7 @@ def local_tour() -> list[list[str]]:
     return [command for block in blocks for command in block if command[0] in ("fit", "score", "evaluate", "render")]
 
 
+@pytest.mark.slow
 def test_the_local_tour_runs_as_written_in_a_fresh_folder(ray_local, stc_root, tmp_path, monkeypatch, caplog):
     """README's fitting and scoring commands in order, each on the outputs of those before it, in a folder
     without models/ or maps/: the STC root is the synthetic one, cam1/ holds copies of its footage, and
@@ -89,7 +89,7 @@ def test_the_local_tour_runs_as_written_in_a_fresh_folder(ray_local, stc_root, t
     for command in tour:
         args = [word.replace("/data/shanghaitech", str(stc_root)) for word in command]
         args = [path for word in args for path in (sorted(glob.glob(word)) if "*" in word else [word])]  # as a shell expands
-        result = run(*args, *{"fit": SMALL_FIT, "score": SMALL_SCORE}.get(args[0], []))
+        result = run(*args, *{"fit": SMALL_FIT, "score": SMALL_CLUSTER_OPTIONS}.get(args[0], []))
         assert result.exit_code == 0, f"padim-ray {shlex.join(command)}:\n{result.output}"
         outputs.append(result.stdout)
     assert f"model: {tmp_path / 'models' / 'stc_01'} (60 frames" in outputs[0] and " kept " in outputs[1]

@@ -2,95 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-import ray
-import torch
 
 from padim_ray.checkpoint import CheckpointError, Checkpoints
 from padim_ray.config import ClusterConfig
-from padim_ray.accumulate import FitLostError, accumulate, actor_name
+from padim_ray.accumulate import FitLostError, accumulate
 from padim_ray.fit import fit_model, update_model
 from padim_ray.stc import scene_videos
 from padim_ray.store import StoreError, open_model
 from padim_ray.files import Location, StorageError
-from conftest import SMALL_MODEL, relative_error, start_local_ray
-from holding import RELEASE_ENV, held_identity_embedder
-from test_fit import DIMS, GRID, embeddings_dataset
+from helpers import (
+    BIN, CHECKPOINT_EACH_BATCH, DIMS, EMBEDDINGS, GRID, SMALL_CLUSTER, SMALL_FIT, SMALL_MODEL, TESTS, ActorKiller,
+    embeddings_dataset, relative_error, run_fit, start_local_ray,
+)
+from holding import RELEASE_ENV
 
-identity_embedder = lambda device: lambda frames: torch.as_tensor(frames, device=device)  # noqa: E731 (test_fit's)
-
-EMBEDDINGS = np.random.default_rng(11).normal(1e4, 1.0, size=(150, DIMS, *GRID))  # mean = 1e4 x std
-TESTS = Path(__file__).parent
-BIN = Path(sys.executable).parent
-SMALL_FIT_OPTIONS = ["--weights", "none", "--image-size", "64", "--dims", "16", "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "4"]
-SMALL_FIT_CLUSTER = ClusterConfig(actors=1, cpus_per_actor=0.5, batch_size=4)
+SMALL_FIT_OPTIONS = [*SMALL_FIT, "--batch-size", "4"]
+SMALL_FIT_CLUSTER = dataclasses.replace(SMALL_CLUSTER, batch_size=4)
 RESUME_TOLERANCE = 1e-12
-CHECKPOINT_EACH_BATCH = dict(batch_size=5, fan_in=2, checkpoint_every=0.0, shard_bytes=7 * DIMS * DIMS * 8)
-
-
-class Disturbance(threading.Thread):
-    """Acts once on a fit whose stats actors are held after their first checkpoint (holding.py), on the
-    first checkpoint file in `folder` (a local folder or a bucket prefix) that `act` accepts, then
-    releases the actors. The fit cannot end before it has acted."""
-
-    def __init__(self, folder):
-        super().__init__(daemon=True)
-        self.checkpoints, self.done = Checkpoints(Location(folder)), None
-        self.release = Path(tempfile.gettempdir()) / f"padim-release-{uuid.uuid4().hex[:12]}"  # run_fit removes it
-
-    def act(self, file: Location) -> bool:
-        raise NotImplementedError
-
-    def run(self):
-        deadline = time.monotonic() + 120
-        try:
-            while self.done is None and time.monotonic() < deadline:
-                self.done = next((file for file in self.checkpoints.files() if self.act(file)), None)
-                time.sleep(0.01 if not self.checkpoints.path.is_remote else 0.05)
-        finally:
-            self.release.touch()  # also when it never acted: the fit ends and the test fails on `done`
-
-
-class ActorKiller(Disturbance):
-    """Kills the stats actor of the first checkpoint (`ray.kill`)."""
-
-    def act(self, file: Location) -> bool:
-        ray.kill(ray.get_actor(actor_name(file)))
-        return True
-
-
-def run_fit(cluster: ClusterConfig, checkpoint_dir=None, disturbance: Disturbance | None = None):
-    """accumulate() over EMBEDDINGS; with a `disturbance`, the actors are held until it has acted."""
-    frames_for, units = embeddings_dataset(EMBEDDINGS)
-    checkpoints = Checkpoints.open(checkpoint_dir, {"test": "recovery"}) if checkpoint_dir else None
-    embedder = held_identity_embedder(disturbance.release) if disturbance else identity_embedder
-    if disturbance:
-        disturbance.start()
-    try:
-        accumulated = accumulate(frames_for, units, embedder, GRID[0] * GRID[1], DIMS, cluster, checkpoints)
-    finally:
-        if checkpoints:
-            checkpoints.lease.release()  # the files stay for the test to inspect; the lease (a bucket's heartbeat thread) goes
-        if disturbance:
-            disturbance.join()
-            disturbance.release.unlink(missing_ok=True)
-    if disturbance:
-        assert disturbance.done is not None, f"{type(disturbance).__name__} never acted: the test did not test recovery"
-    assert accumulated.accounting.check(units) == accumulated.count == len(EMBEDDINGS)  # every frame once
-    shards = ray.get(accumulated.roots)
-    return accumulated, np.concatenate([s.mean.numpy() for s in shards]), np.concatenate([s.m2.numpy() for s in shards])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +50,8 @@ def test_killed_stats_actor_is_redone_from_its_checkpoint(ray_local, undisturbed
 
 def test_losing_more_actors_than_max_retries_fails_in_one_line(ray_local, tmp_path):
     cluster = ClusterConfig(actors=1, cpus_per_actor=0.5, max_retries=0, **CHECKPOINT_EACH_BATCH)
-    with pytest.raises(FitLostError, match=r"1 stats actors were lost, more than --max-retries 0 .*; \d+ of 15 work units are unfinished; .*rerun the same command to resume") as error:
+    message = r"1 stats actors were lost, more than --max-retries 0 .*; \d+ of 15 work units are unfinished; .*rerun the same command to resume"
+    with pytest.raises(FitLostError, match=message) as error:
         run_fit(cluster, tmp_path / "checkpoints", ActorKiller(tmp_path / "checkpoints"))
     assert "\n" not in str(error.value)
     assert Checkpoints(Location(tmp_path / "checkpoints")).files()  # the lost actor's work is kept for a rerun
@@ -139,6 +79,7 @@ def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signa
     return subprocess.CompletedProcess(command, driver.returncode, output)
 
 
+@pytest.mark.slow
 def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
     """`padim-ray fit` killed (SIGKILL), resumed and interrupted (SIGINT), each held mid-fit (tests/holding.py),
     resumed again as is: equals an uninterrupted fit."""
@@ -195,11 +136,12 @@ def test_a_checkpoint_folder_has_one_writer(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # its files, lock file and folder gone
 
 
+@pytest.mark.slow
 def test_update_merges_new_footage_exactly_and_refuses_repeats(ray_local, stc_root, small_model, tmp_path):
     """fit(video 1) then update(video 2) equals fit(videos 1 and 2): `small_model` is that fit."""
     first, second = scene_videos(stc_root, "01")
     model = tmp_path / "model"
-    cluster = ClusterConfig(actors=1, cpus_per_actor=0.5)
+    cluster = SMALL_CLUSTER
     fit_model([first], model, SMALL_MODEL, cluster)
     with pytest.raises(StoreError, match=r"input .*01_001.avi is already in model .*pass --force"):
         update_model(model, [first], cluster)

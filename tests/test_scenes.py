@@ -6,14 +6,12 @@ import shutil
 
 import pytest
 
-from padim_ray.config import ClusterConfig
 from padim_ray.fit import fit_model
 from padim_ray.stc import scene_videos
 from padim_ray.files import Location
 from padim_ray.store import open_model
 from padim_ray.synthetic import SyntheticSpec, make_synthetic
-from conftest import SMALL_MODEL, relative_error
-from test_cli import SMALL_FIT, assert_clean_failure, run
+from helpers import SMALL_CLUSTER, SMALL_FIT, SMALL_MODEL, assert_clean_failure, relative_error, run
 
 TWO_SCENES = SyntheticSpec(scenes=("01", "02"), train_videos=1, train_frames=20, test_clips=0, width=160, height=96)
 
@@ -30,6 +28,7 @@ def assert_same_model(actual, expected) -> None:
         assert relative_error(a.read(name), b.read(name)) <= 1e-9, name
 
 
+@pytest.mark.slow
 def test_every_scene_in_one_job_from_disk_and_from_a_bucket(ray_s3, two_scenes, tmp_path, prefix):
     result = run("fit", "stc", "--scene", "all", "--root", two_scenes, "--out", tmp_path / "stc_{scene}", *SMALL_FIT)
     assert result.exit_code == 0, result.output
@@ -40,7 +39,7 @@ def test_every_scene_in_one_job_from_disk_and_from_a_bucket(ray_s3, two_scenes, 
     assert lines[3].split()[:3] == ["all", "2", "40"]
 
     # each model is the scene's own fit (the second scene: it ran beside the first)
-    reference = fit_model(scene_videos(two_scenes, "02"), tmp_path / "ref_02", SMALL_MODEL, ClusterConfig(actors=1, cpus_per_actor=0.5))
+    reference = fit_model(scene_videos(two_scenes, "02"), tmp_path / "ref_02", SMALL_MODEL, SMALL_CLUSTER)
     assert_same_model(tmp_path / "stc_02", reference.out)
     assert relative_error(open_model(tmp_path / "stc_01").read("mean"), open_model(tmp_path / "stc_02").read("mean")) > 1e-3
 
@@ -54,6 +53,7 @@ def test_every_scene_in_one_job_from_disk_and_from_a_bucket(ray_s3, two_scenes, 
     assert sorted(p.name for p in (prefix / "models").iterdir()) == ["stc_01", "stc_02"]  # no checkpoints left
 
 
+@pytest.mark.slow
 def test_a_failed_scene_names_what_was_fitted_and_what_is_left(ray_s3, two_scenes, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(two_scenes / "training", root / "training")

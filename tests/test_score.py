@@ -16,7 +16,7 @@ from padim_ray.config import ClusterConfig, ScoreConfig
 from padim_ray.score import Scorer, input_ids, score_inputs
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit, iter_unit_frames
-from conftest import relative_error
+from helpers import SMALL_CLUSTER, relative_error
 
 
 def _frames(stc_root, count=5):
@@ -76,10 +76,16 @@ def test_score_writes_every_frame_in_order(ray_local, small_model, stc_root, tmp
 
 
 def test_model_sized_float16_maps(ray_local, small_model, stc_root, tmp_path):
+    """The default map dtype: float16 maps stay within 1e-3 relative of float32 maps of the same frames
+    (config.ScoreConfig.map_dtype), element by element."""
     clip = stc_root / "testing" / "frames" / "01_0001"
-    result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
+    result = score_inputs(small_model, [clip], tmp_path / "m", map_size="model", cluster=SMALL_CLUSTER)
     stored = zarr.open_group(str(result.out / "maps.zarr"), mode="r")["01_0001"]
     assert stored.shape == (12, 64, 64) and stored.dtype == np.float16
+    frames = np.stack([f for _, f in iter_unit_frames(WorkUnit(0, str(clip)), size=64)])  # decoded as the pipeline does
+    as_float32 = Scorer(small_model).maps(frames, (64, 64)).numpy()
+    assert as_float32.dtype == np.float32 and as_float32.min() > 0
+    np.testing.assert_allclose(stored[:].astype(np.float32), as_float32, rtol=1e-3, atol=0)
 
 
 def test_score_refuses_a_model_whose_weights_it_cannot_reproduce(small_model, stc_root, tmp_path):
@@ -124,7 +130,7 @@ def test_inputs_of_one_name_get_their_own_maps(ray_local, small_model, stc_root,
     shutil.copytree(clip, first)
     shutil.copytree(clip, second, ignore=lambda folder, names: sorted(names)[8:])  # 8 frames
     out = tmp_path / "maps"
-    result = score_inputs(small_model, [first, second], out, map_size="model", cluster=ClusterConfig(actors=1, cpus_per_actor=0.5))
+    result = score_inputs(small_model, [first, second], out, map_size="model", cluster=SMALL_CLUSTER)
     assert result.frames == {"a/01_0001": 12, "b/01_0001": 8}
     group = zarr.open_group(str(out / "maps.zarr"), mode="r")
     assert [(group[i].shape[0], group[i].attrs["source"]) for i in ("a/01_0001", "b/01_0001")] == [(12, str(first)), (8, str(second))]

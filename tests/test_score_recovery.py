@@ -9,6 +9,7 @@ a direct Scorer's; which frames were scored, and where, is compared exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,11 +35,9 @@ from padim_ray.score import score_inputs
 from padim_ray import stc
 from padim_ray.publish import commit_store, holds_progress, staged_store
 from padim_ray.store import MODEL_STORE, read_scores
-from conftest import relative_error, start_local_ray
+from helpers import SMALL_CLUSTER, SMALL_CLUSTER_OPTIONS, TESTS, relative_error, run, start_local_ray
 from holding import RELEASE_ENV, HeldScorer
-from test_cli import run
 
-TESTS = Path(__file__).parent
 SCORE = ScoreConfig(map_dtype="float32", chunk_frames=4)
 MAPS_TOLERANCE = 1e-4  # batch composition changes float32 rounding (module docstring)
 
@@ -52,7 +51,7 @@ def score_inputs_of(stc_root) -> list[Path]:
 def undisturbed(small_model, stc_root, tmp_path_factory):
     start_local_ray()
     out = tmp_path_factory.mktemp("undisturbed") / "maps"
-    score_inputs(small_model, score_inputs_of(stc_root), out, score=SCORE, cluster=ClusterConfig(actors=1, cpus_per_actor=0.5, batch_size=4))
+    score_inputs(small_model, score_inputs_of(stc_root), out, score=SCORE, cluster=dataclasses.replace(SMALL_CLUSTER, batch_size=4))
     return out
 
 
@@ -110,6 +109,7 @@ def test_killed_score_actor_is_redone(ray_local, small_model, stc_root, undistur
     assert_equal_maps(out, undisturbed)
 
 
+@pytest.mark.slow
 def test_killed_score_command_resumes(ray_local, small_model, stc_root, undisturbed, tmp_path, request, caplog):
     """`padim-ray score` SIGKILLed once it has written a chunk (held there: tests/holding.py), rerun as
     is (in this process, on the session's Ray): it says it resumed, keeps the chunks scored, and its
@@ -119,7 +119,7 @@ def test_killed_score_command_resumes(ray_local, small_model, stc_root, undistur
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     arguments = [
         "score", str(small_model), *map(str, score_inputs_of(stc_root)), "--out", str(out), "--map-dtype", "float32",
-        "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "16",
+        *SMALL_CLUSTER_OPTIONS, "--batch-size", "16",
     ]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released")}
     env.pop("RAY_ADDRESS", None)
@@ -145,7 +145,7 @@ def test_killed_score_command_resumes(ray_local, small_model, stc_root, undistur
 def test_evaluate_rerun_reuses_scored_scenes(ray_local, small_model, stc_root, tmp_path, caplog):
     """A scene scored by an evaluate that was then stopped is evaluated from its maps, not scored again."""
     out = tmp_path / "evaluation"
-    cluster = ClusterConfig(actors=1, cpus_per_actor=0.5)
+    cluster = SMALL_CLUSTER
     score_inputs(small_model, stc.test_clips(stc_root, "01"), out / "maps_01", cluster=cluster)  # what evaluate scored first
     root_metadata = out / "maps_01" / "maps.zarr" / "zarr.json"
     written = root_metadata.stat().st_mtime_ns

@@ -24,7 +24,7 @@ from padim_ray.leases import WRITING_MARKER
 from padim_ray.publish import abort_store, begin_store, commit_store, staged_store
 from padim_ray.store import MODEL_STORE
 from padim_ray.video import expand_inputs, index_video, iter_unit_frames, make_units
-from conftest import BUCKET, set_moto_auth
+from helpers import BUCKET, set_moto_auth
 
 def tiny_video(frames: int = 8, size: int = 64) -> bytes:
     """An MPEG-4 video in memory whose frame i is the flat grey level 30 * i."""

@@ -23,14 +23,10 @@ from padim_ray.score import Scorer
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit, iter_unit_frames
-from conftest import LOCAL_CPUS, relative_error
+from helpers import (
+    BIN, CHECKPOINT_EACH_BATCH, LOCAL_CPUS, SMALL_CLUSTER_OPTIONS, SMALL_FIT, TESTS, Disturbance, relative_error, run_fit,
+)
 from holding import RELEASE_ENV, held_marker
-from test_recovery import CHECKPOINT_EACH_BATCH, Disturbance, run_fit
-
-TESTS = Path(__file__).parent
-BIN = Path(sys.executable).parent
-SMALL_OPTIONS = ["--actors", "1", "--cpus-per-actor", "0.5"]
-SMALL_FIT_OPTIONS = ["--weights", "none", "--image-size", "64", "--dims", "16", *SMALL_OPTIONS]  # conftest's SMALL_MODEL
 
 
 def cli_env(tmp_path: Path) -> dict:
@@ -62,9 +58,10 @@ def assert_stopped_in_one_line(stopped: subprocess.CompletedProcess, signum: sig
     assert "Traceback" not in stopped.stdout and "SIGTERM received" not in stopped.stdout, stopped.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_during_fit_keeps_checkpoints_and_says_so(stc_root, tmp_path):
     out, checkpoints = tmp_path / "model", tmp_path / ".model.checkpoint"
-    arguments = ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT_OPTIONS, "--checkpoint-every", "0"]
+    arguments = ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT, "--checkpoint-every", "0"]
     stopped = stop_when_held(arguments, cli_env(tmp_path), signal.SIGTERM)
     assert_stopped_in_one_line(stopped, signal.SIGTERM)
     assert f"progress is kept in {checkpoints}; rerun the same command to resume" in stopped.stdout
@@ -72,10 +69,11 @@ def test_sigterm_during_fit_keeps_checkpoints_and_says_so(stc_root, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".model.partial-*"))  # no staging left
 
 
+@pytest.mark.slow
 def test_sigterm_during_score_ends_in_one_line(small_model, stc_root, tmp_path):
     out = tmp_path / "maps"
     videos = map(str, scene_videos(stc_root, "01"))  # 60 frames: batches of 4 are held after the first
-    arguments = ["score", str(small_model), *videos, "--out", str(out), *SMALL_OPTIONS, "--batch-size", "4", "--map-size", "model"]
+    arguments = ["score", str(small_model), *videos, "--out", str(out), *SMALL_CLUSTER_OPTIONS, "--batch-size", "4", "--map-size", "model"]
     stopped = stop_when_held(arguments, cli_env(tmp_path), signal.SIGTERM)
     assert_stopped_in_one_line(stopped, signal.SIGTERM)
     assert not (out / "maps.zarr" / "zarr.json").exists()  # nothing published
@@ -144,14 +142,18 @@ def test_failed_checkpoint_saves_are_reported_on_the_driver_and_counted(ray_loca
     assert all("\n" not in message and "retrying in 0 s" in message for message in reported)
 
 
+@pytest.mark.slow
 def test_two_fits_and_a_score_started_together_each_finish_on_their_own_ray(small_model, stc_root, tmp_path):
     """Each command starts its own Ray (none joins another's and takes the CPUs its decoding needs):
     all finish, each equal to the same work done alone."""
     clip = stc_root / "testing" / "frames" / "01_0001"
     commands = {
-        "fit videos": ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(tmp_path / "a"), *SMALL_FIT_OPTIONS],
-        "fit stc": ["fit", "stc", "--scene", "01", "--root", str(stc_root), "--out", str(tmp_path / "b"), *SMALL_FIT_OPTIONS],
-        "score": ["score", str(small_model), str(clip), "--out", str(tmp_path / "maps"), *SMALL_OPTIONS, "--map-size", "model", "--map-dtype", "float32"],
+        "fit videos": ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(tmp_path / "a"), *SMALL_FIT],
+        "fit stc": ["fit", "stc", "--scene", "01", "--root", str(stc_root), "--out", str(tmp_path / "b"), *SMALL_FIT],
+        "score": [
+            "score", str(small_model), str(clip), "--out", str(tmp_path / "maps"), *SMALL_CLUSTER_OPTIONS,
+            "--map-size", "model", "--map-dtype", "float32",
+        ],
     }
     env = cli_env(tmp_path)
     running = {name: subprocess.Popen([str(BIN / "padim-ray"), *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
