@@ -133,7 +133,8 @@ def _fit_units(job: FitJob, inputs: list, model_config: ModelConfig, embedder: E
     with staged_store(job.out, job.overwrite, MODEL_STORE) as pending, user_errors():
         checkpoints = Checkpoints.open(checkpoint_dir, identity)
         try:
-            connect(job.address)
+            if not job.shared:  # a many-scene job connected once, on its main thread (scenes.fit_scenes)
+                connect(job.address)
             partials = [_starting_partial(starting, embedder, job.cluster)] if starting else []
             expected = math.ceil(estimate / model_config.frame_stride) + starting_frames
             accumulated = _accumulate_units(units, model_config, embedder, job, checkpoints, partials, expected)

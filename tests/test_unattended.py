@@ -103,6 +103,42 @@ def test_sighup_ends_a_command_in_one_line_with_129():
     assert ended.stderr.strip().splitlines() == ["error: terminated by SIGHUP"]
 
 
+HANGING_CLEANUP = (  # a command whose cleanup after a stop signal never ends
+    "import os, signal, sys, time\n"
+    "from padim_ray import stop_signals\n"
+    "stop_signals.STOP_GRACE = float(sys.argv[1])\n"
+    "stop_signals.handle_stop_signals()\n"
+    "try:\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    signal.pause()\n"
+    "except KeyboardInterrupt:\n"
+    "    print('cleaning up', flush=True)\n"
+    "    if sys.argv[2] == 'again':\n"
+    "        os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    time.sleep(600)\n"
+)
+
+
+def test_a_cleanup_that_hangs_ends_after_the_grace_with_the_threads_stacks():
+    """A stopped command always ends: STOP_GRACE after the signal it exits (143), naming a file that
+    holds every thread's stack, so that the hang can be found."""
+    ended = subprocess.run([sys.executable, "-c", HANGING_CLEANUP, "1", "once"], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 143 and ended.stdout == "cleaning up\n", ended.stderr[-3000:]
+    [line] = ended.stderr.strip().splitlines()
+    assert line.startswith("error: still stopping 1 s after SIGTERM; exiting now (threads' stacks in "), line
+    stacks = Path(line.rsplit(" ", 1)[1].rstrip(")"))
+    assert 'File "<string>", line 12 in <module>' in stacks.read_text()  # the main thread, in the hanging sleep
+    stacks.unlink()
+
+
+def test_a_second_stop_signal_ends_a_command_at_once():
+    """Ctrl-C twice (or SIGTERM then SIGTERM): the second ends the process without waiting for its cleanup."""
+    started = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", HANGING_CLEANUP, "600", "again"], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 143 and ended.stdout == "cleaning up\n", ended.stderr[-3000:]
+    assert time.monotonic() - started < 60  # not the 600 s grace, nor the 600 s cleanup
+
+
 def test_actors_without_room_fail_in_one_line_after_the_resource_wait(ray_local, caplog, monkeypatch):
     """On a cluster whose free CPUs cannot hold the actors, say what is awaited at once, then fail after --resource-wait."""
     monkeypatch.setitem(runtime._STARTED_HERE, "local", False)  # the session's Ray, joined (an earlier test may have started one here)
