@@ -76,6 +76,9 @@ def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signa
         time.sleep(2)
         driver.kill()
         pytest.fail(f"the command did not end within 120 s of {stop.name}; its output and threads:\n{driver.communicate()[0][-8000:]}")
+    if "threads' stacks in " in output:  # its stop grace ran out (padim_ray/stop_signals.py): show where it hung
+        stacks = Path(output.rsplit("threads' stacks in ", 1)[1].split(")")[0])
+        pytest.fail(f"the command hung while stopping:\n{output[-3000:]}\n{stacks.read_text()}")
     return subprocess.CompletedProcess(command, driver.returncode, output)
 
 
