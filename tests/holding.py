@@ -12,6 +12,7 @@ $PADIM_TEST_RELEASE), for tests that stop the command itself.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from padim_ray.embedding import Embedder
 from padim_ray.score import Scorer
 
 RELEASE_ENV = "PADIM_TEST_RELEASE"
+HOLD_AFTER_ENV = "PADIM_TEST_HOLD_AFTER"  # a glob: scorers hold only once a file matches it (a written map chunk)
 HOLD_LIMIT = 300  # seconds: a test that never releases fails on its own assertions, it does not hang
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/: ship this code
@@ -76,15 +78,20 @@ class HeldEmbedder(Embedder):
 
 
 class HeldScorer(Scorer):
-    """The real scorer, held after its first batch (which completes at least one map chunk when the
-    batch size is the chunk length or more) until `release` (default: $PADIM_TEST_RELEASE) exists."""
+    """The real scorer, held after its first batch until `release` (default: $PADIM_TEST_RELEASE) exists.
+
+    With $PADIM_TEST_HOLD_AFTER, it holds only once a file matches that glob, e.g. a map chunk's rows:
+    a batch need not complete a chunk (Ray Data may cut a decode block between batches), so a test
+    that needs a written chunk names it rather than counting on the first batch.
+    """
 
     def __init__(self, *args, release: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.release, self.batches = release or os.environ[RELEASE_ENV], 0
 
     def maps(self, frames, size):
-        hold(self.batches, self.release)
+        after = os.environ.get(HOLD_AFTER_ENV)
+        hold(self.batches if not after or glob.glob(after) else 0, self.release)
         self.batches += 1
         return super().maps(frames, size)
 

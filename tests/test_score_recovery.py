@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import logging
 import os
 import re
@@ -36,7 +37,7 @@ from padim_ray import stc
 from padim_ray.publish import commit_store, holds_progress, staged_store
 from padim_ray.store import MODEL_STORE, read_scores
 from helpers import SMALL_CLUSTER, SMALL_CLUSTER_OPTIONS, TESTS, relative_error, run, start_local_ray
-from holding import RELEASE_ENV, HeldScorer
+from holding import HOLD_AFTER_ENV, RELEASE_ENV, HeldScorer
 
 SCORE = ScoreConfig(map_dtype="float32", chunk_frames=4)
 MAPS_TOLERANCE = 1e-4  # batch composition changes float32 rounding (module docstring)
@@ -121,17 +122,22 @@ def test_killed_score_command_resumes(ray_local, small_model, stc_root, undistur
         "score", str(small_model), *map(str, score_inputs_of(stc_root)), "--out", str(out), "--map-dtype", "float32",
         *SMALL_CLUSTER_OPTIONS, "--batch-size", "16",
     ]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released")}
+    chunks = str(tmp_path / ".maps.partial-*" / ".padim-progress" / "*.npz")  # the rows files of written chunks
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released"), HOLD_AFTER_ENV: chunks}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(TESTS / "holding.py"), *arguments, "--address", "local"]
     held = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not list(tmp_path.glob(".maps.partial-*/.padim-progress/*.npz")) and held.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a bound for a hung start, not a race: the command holds once a chunk is written
+    while not glob.glob(chunks) and held.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    if held.poll() is None and not glob.glob(chunks):
+        held.send_signal(signal.SIGUSR1)  # holding.py: every thread's stack on its output
+        time.sleep(2)
     held.kill()
     output = held.communicate(timeout=120)[0]
     assert held.returncode == -signal.SIGKILL, output[-2000:]  # killed mid-run, not finished
-    assert not out.exists() and list(tmp_path.glob(".maps.partial-*/.padim-progress/*.npz"))
+    assert glob.glob(chunks), f"no chunk was written:\n{output[-8000:]}"
+    assert not out.exists()
 
     with caplog.at_level(logging.INFO, logger="padim_ray.score"):
         resumed = run(*arguments)
