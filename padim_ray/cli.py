@@ -20,6 +20,7 @@ from padim_ray.synthetic import SyntheticSpec
 
 if TYPE_CHECKING:
     from padim_ray.fit_stc import StcFit
+    from padim_ray.video import InputPolicy
 
 app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
 
@@ -131,22 +132,23 @@ def fit(
             backbone_dtype=backbone_dtype.value,
         )
         cluster = cluster_options.config(fan_in=fan_in, checkpoint_every=checkpoints.checkpoint_every, max_retries=checkpoints.max_retries)
+        input_policy = InputPolicy(skip_bad_inputs)
         if source is Source.stc:
             stc = StcFit.select(root, scene, paths, out, checkpoints.checkpoint_dir, backbone.value)
             if stc.many:
-                return _fit_scenes(stc, model, cluster, overwrite, address, InputPolicy(skip_bad_inputs))
-            result = fit_stc_scene(stc, model, cluster, overwrite, address, InputPolicy(skip_bad_inputs))
+                return _fit_scenes(stc, model, cluster, overwrite, address, input_policy)
+            result = fit_stc_scene(stc, model, cluster, overwrite, address, input_policy)
         elif not paths or out is None:
             raise PadimError("fit videos takes one or more PATHS and --out MODEL")
         else:
             result = fit_model(
                 paths, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoints.checkpoint_dir,
-                input_policy=InputPolicy(skip_bad_inputs),
+                input_policy=input_policy,
             )
     _echo_fit(result)
 
 
-def _fit_scenes(stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwrite: bool, address: str | None, input_policy) -> None:
+def _fit_scenes(stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwrite: bool, address: str | None, input_policy: InputPolicy) -> None:
     """`fit stc` over several scenes: one model each, one progress bar, a summary table."""
     import time
 
