@@ -31,6 +31,7 @@ FRAMES_PER_FOLDER_UNIT = 256  # folders of frames are split into units this long
 TRUNCATION_TOLERANCE = 1  # frames a header may over-report without the file being cut off
 NOT_LAST = -1  # `unit_total` of every row but a unit's last (the rows of frames.decode_units)
 BAD_UNIT = -2  # `unit_total` of the one row that says a unit could not be decoded (--skip-bad-inputs)
+FOLDER_FPS = 24.0  # frame rate assumed for folders of frames (ShanghaiTech's), and for videos that declare none
 
 
 class VideoError(PadimError):
@@ -55,6 +56,7 @@ class WorkUnit:
     frames: int = 0  # frames the header declares (videos) or frame files (folders); exact count comes from decoding
     height: int = 0  # native frame size
     width: int = 0
+    fps: float = FOLDER_FPS  # frames per second: the video's declared rate, FOLDER_FPS for folders
 
     @property
     def is_video(self) -> bool:
@@ -114,8 +116,8 @@ def _readable(where: Location | str | Path):
             yield handle
 
 
-def index_video(path: Location | str | Path) -> tuple[int, int, int]:
-    """(frames, height, width) of a video, or a VideoError naming the file; run before any cluster work.
+def index_video(path: Location | str | Path) -> tuple[int, int, int, float]:
+    """(frames, height, width, frames per second) of a video, or a VideoError naming the file; run before any cluster work.
 
     Frames are counted from the container's packets, decoding only until a first frame shows that
     the stream decodes: headers often declare no count (Matroska, WebM, MPEG-PS), and map stores are
@@ -134,7 +136,8 @@ def index_video(path: Location | str | Path) -> tuple[int, int, int]:
             raise _unopenable(path, err) from None
         height, width = stream.codec_context.height, stream.codec_context.width
         _check_frame_size(f"video {path}", height, width)
-        return frames, height, width
+        rate = stream.average_rate or stream.guessed_rate
+        return frames, height, width, float(rate) if rate else FOLDER_FPS
 
 
 @contextmanager
@@ -192,8 +195,8 @@ def _input_units(path: Location | str | Path, first_uid: int, folder_unit_frames
                      min(folder_unit_frames, len(files) - start), height, width)
             for i, start in enumerate(starts)
         ]
-    frames, height, width = index_video(path)  # validates the container now, before any cluster work
-    return [WorkUnit(first_uid, path.uri, frames=frames, height=height, width=width)]
+    frames, height, width, fps = index_video(path)  # validates the container now, before any cluster work
+    return [WorkUnit(first_uid, path.uri, frames=frames, height=height, width=width, fps=fps)]
 
 
 def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:

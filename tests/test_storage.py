@@ -274,12 +274,12 @@ def test_a_video_in_the_bucket_is_indexed_and_decoded_from_a_file_object(prefix)
 
     video = prefix / "clips" / "01.mp4"
     video.write_bytes(tiny_video())
-    assert index_video(video) == (8, 64, 64)  # counted from its packets, streamed with ranged reads
+    assert index_video(video)[:3] == (8, 64, 64)  # counted from its packets, streamed with ranged reads
     with video.open("rb") as f, av.open(f) as container:
         levels = [frame.to_ndarray(format="rgb24").mean() for frame in container.decode(video=0)]
     assert len(levels) == 8 and abs(levels[5] - 150) < 3
     with video.local_copy() as path:  # for libraries that need a real path
-        assert index_video(path) == (8, 64, 64)
+        assert index_video(path)[:3] == (8, 64, 64)
         copy = path
     assert not os.path.exists(copy)
 

@@ -56,7 +56,7 @@ def test_videos_whose_header_declares_no_frame_count_are_counted(tmp_path, name,
         out.mux(stream.encode())
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0  # the header declares nothing
-    assert index_video(path) == (11, 64, 96)
+    assert index_video(path) == (11, 64, 96, 25.0)  # frames counted, and the rate it was written at
     units, estimate = make_units([path])
     assert estimate == units[0].frames == len(list(iter_unit_frames(units[0]))) == 11
 
