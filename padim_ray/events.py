@@ -89,7 +89,7 @@ def frame_events(scores, fps: float, threshold: float, events: EventConfig) -> l
 
 
 @dataclass(frozen=True)
-class _Region:
+class Region:
     """A connected region of a map >= off: its peak value and position (first in raster order), and its half-open box."""
 
     peak: float
@@ -98,7 +98,7 @@ class _Region:
     box: tuple[int, int, int, int]
 
 
-def regions(anomaly_map: np.ndarray, off: float) -> list[_Region]:
+def regions(anomaly_map: np.ndarray, off: float) -> list[Region]:
     """The 8-connected regions of `anomaly_map` >= off, in scipy.ndimage.label's order (raster order of their first pixel)."""
     if not anomaly_map.size or anomaly_map.max() < off:
         return []
@@ -107,7 +107,7 @@ def regions(anomaly_map: np.ndarray, off: float) -> list[_Region]:
     for label, (rows, columns) in enumerate(ndimage.find_objects(labels), start=1):
         window = np.where(labels[rows, columns] == label, anomaly_map[rows, columns], -np.inf)
         y, x = np.unravel_index(int(np.argmax(window)), window.shape)
-        found.append(_Region(float(window[y, x]), rows.start + int(y), columns.start + int(x), (rows.start, columns.start, rows.stop, columns.stop)))
+        found.append(Region(float(window[y, x]), rows.start + int(y), columns.start + int(x), (rows.start, columns.start, rows.stop, columns.stop)))
     return found
 
 
@@ -117,7 +117,7 @@ class _Track:
     last: int  # its last frame >= off (with a matched region)
     box: tuple[int, int, int, int]  # its last region's box, matched against the next frames' regions
     peak_frame: int
-    peak: _Region
+    peak: Region
     event: int | None = None  # its id once opened
 
 
@@ -167,7 +167,7 @@ class RegionTracker:
         self.tracks = []
         return notices
 
-    def _match(self, found: list[_Region]) -> dict[_Track, int]:
+    def _match(self, found: list[Region]) -> dict[_Track, int]:
         """Tracks to the indices of their regions in `found`, one to one, by the largest box intersection first."""
         if not self.tracks or not found:
             return {}

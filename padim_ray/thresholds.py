@@ -125,15 +125,23 @@ def threshold_for_rate(sequences, fps_per_sequence, events_per_hour: float, even
     values = np.concatenate(arrays + [np.empty(0)])
     if not len(values):
         raise ValueError("a threshold from a false-alarm budget needs calibration frames")
-    hours = sum(len(array) / fps for array, fps in zip(arrays, fps_per_sequence)) / 3600
-    allowed = events_per_hour * hours
+    allowed = events_per_hour * sum(len(array) / fps for array, fps in zip(arrays, fps_per_sequence)) / 3600
+    joined = _joined(arrays, fps_per_sequence, events)
     passing = float(np.nextafter(np.float32(values.max()), np.float32(np.inf)))
     for candidate in np.unique(values)[::-1]:
-        count = sum(len(frame_events(array, fps, candidate, events)) for array, fps in zip(arrays, fps_per_sequence))
-        if count > allowed:
+        if sum(len(frame_events(array, fps, candidate, events)) for fps, array in joined.items()) > allowed:
             break
         passing = float(candidate)
     return passing
+
+
+def _joined(arrays: list[np.ndarray], fps_per_sequence, events: EventConfig) -> dict[float, np.ndarray]:
+    """The sequences of each frame rate end to end, merge_frames frames of -inf apart: every event ends at its
+    sequence's end as at the end of an input, so the joined sequence has the events of its parts."""
+    parts = {}
+    for array, fps in zip(arrays, fps_per_sequence):
+        parts.setdefault(fps, []).extend([np.full(events.frames(fps)[1], -np.inf), array])
+    return {fps: np.concatenate(arrays[1:]) for fps, arrays in parts.items()}
 
 
 def calibrated_quantile(scores, calibration: dict) -> np.ndarray:

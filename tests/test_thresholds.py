@@ -106,6 +106,12 @@ def test_threshold_scan_stops_at_the_first_threshold_over_the_budget():
     assert threshold == float(np.nextafter(np.float32(10), np.float32(np.inf)))
 
 
+def test_events_do_not_run_from_one_calibration_sequence_into_the_next():
+    first, second = np.zeros(1800, np.float32), np.zeros(1800, np.float32)  # 1 fps: one hour in all
+    first[-10:] = second[:10] = 10.0  # one event ending the first, one starting the second: 2 events at 10, not 1
+    assert threshold_for_rate([first, second], [1.0, 1.0], 1.0, EventConfig()) == float(np.nextafter(np.float32(10), np.float32(np.inf)))
+
+
 def test_calibrated_quantile_is_the_fraction_strictly_below():
     calibration = {"sequences": [[1.0, 2.0, 3.0], [2.0, 5.0]]}  # sorted: 1 2 2 3 5
     assert calibrated_quantile([0.0, 1.0, 2.0, 2.5, 5.0, 6.0], calibration).tolist() == [0.0, 0.0, 0.2, 0.6, 0.8, 1.0]
