@@ -16,6 +16,7 @@ from padim_ray.backbones import BACKBONES
 from padim_ray.cli_options import Address, CheckpointOptions, ClusterOptions, SkipBadInputs, option_groups
 from padim_ray.config import BACKBONE_DTYPES, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
+from padim_ray.thresholds import EventConfig
 from padim_ray.synthetic import SyntheticSpec
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="PaDiM anomaly detection for surveillance video, on Ray.")
 
 DEFAULT_STC_ROOT = os.environ.get("PADIM_RAY_STC_ROOT", "data/shanghaitech")
+THRESHOLD_HELP = (
+    "auto (at most 1 false event per hour of the model's calibration footage), a false-event budget like 1/h, 0.5/min or 3/day, "
+    "or a raw frame score."
+)
 Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
 BackboneDtype = Enum("BackboneDtype", {name: name for name in BACKBONE_DTYPES}, type=str)
 
@@ -224,23 +229,32 @@ def score(
     map_size: Annotated[str, typer.Option(help="native (each input's size), model, or HxW.")] = "native",
     map_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = ScoreConfig.map_dtype,
     blur_at: Annotated[str, typer.Option(help="model: blur at the model's input size, as the paper (default); map: at the map size.")] = ScoreConfig.blur_at,
+    threshold: Annotated[Optional[str], typer.Option(help=THRESHOLD_HELP, show_default="auto if the model is calibrated")] = None,
+    min_event: Annotated[float, typer.Option(help="Seconds an event lasts at least (shorter ones are dropped).")] = EventConfig.min_event,
+    event_gap: Annotated[float, typer.Option(help="Seconds below the off level that end an event (shorter gaps merge).")] = EventConfig.event_gap,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing map store.")] = False,
     cluster_options: ClusterOptions = ClusterOptions(),
     max_retries: Annotated[int, typer.Option(help="Scoring actors that may be lost before scoring stops (rerun to resume).")] = ClusterConfig.max_retries,
     address: Address = None,
 ) -> None:
-    """Score videos into anomaly-map sequences and per-frame scores.
+    """Score videos into anomaly-map sequences and per-frame scores; with a threshold, flag frames and find events.
 
     Rerunning an interrupted score resumes it: the chunks it finished are kept.
     """
+    from padim_ray.decisions import DecisionOptions, format_events
     from padim_ray.score import score_inputs
 
     with _one_line_errors():
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
-        result = score_inputs(model, inputs, out, map_size, score_config, cluster_options.config(max_retries=max_retries), overwrite, address)
+        decisions = DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap))
+        result = score_inputs(
+            model, inputs, out, map_size, score_config, cluster_options.config(max_retries=max_retries), overwrite, address, decisions,
+        )
     resumed = f", {result.resumed_frames} kept from the stopped run" if result.resumed_frames else ""
     recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
     typer.echo(f"maps: {result.out} ({sum(result.frames.values())} frames of {len(result.frames)} inputs, {result.seconds:.1f} s{resumed}{recovered})")
+    if result.decision is not None:
+        typer.echo(format_events(result.events, result.decision.to_json()))
 
 
 @app.command()
@@ -252,21 +266,25 @@ def evaluate(
     maps: Annotated[Optional[str], typer.Option(help="Scored maps; may contain {scene}.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Score the test clips with this model first; may contain {scene}.")] = None,
     out: Annotated[str, typer.Option(help="Folder or URI for metrics.json, roc.png, scores.png (and maps).")] = "evaluation",
+    threshold: Annotated[Optional[str], typer.Option(help=f"With --model: {THRESHOLD_HELP}", show_default="auto if calibrated")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace maps written before (with --model).")] = False,
     cluster_options: ClusterOptions = ClusterOptions(),
     address: Address = None,
 ) -> None:
-    """Pixel AUROC, frame AUROC and PRO (FPR <= 0.3), per clip and pooled, against the STC masks.
+    """Pixel AUROC, frame AUROC (raw and smoothed) and PRO (FPR <= 0.3), per clip and pooled, against the STC masks;
+    for maps scored with a threshold, event recall, false events per hour and the threshold's TPR and FPR.
 
     With --model, the test clips are scored first, by scoring actors sized as `score`'s are.
     """
+    from padim_ray.decisions import DecisionOptions
     from padim_ray.evaluate import ScoringOptions, evaluate_stc, format_table
     from padim_ray.files import Location
 
     with _one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
-        reports = evaluate_stc(root, scene, out, maps, model, ScoringOptions(cluster_options.config(), overwrite=overwrite, address=address))
+        scoring = ScoringOptions(cluster_options.config(), overwrite=overwrite, address=address, decisions=DecisionOptions(threshold))
+        reports = evaluate_stc(root, scene, out, maps, model, scoring)
     typer.echo(format_table(reports))
     typer.echo(f"report: {Location(out) / 'metrics.json'}")
 

@@ -97,3 +97,61 @@ def integrate_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     if xs[-1] < limit:
         xs, ys = np.append(xs, limit), np.append(ys, np.interp(limit, x, y))
     return float(np.trapezoid(ys, xs))
+
+
+SMOOTHING_SECONDS = 0.5  # sigma of the smoothed frame AUROC, fixed in advance (never chosen on test labels)
+
+
+def smoothed(scores: np.ndarray, fps: float, sigma_seconds: float = SMOOTHING_SECONDS) -> np.ndarray:
+    """Frame scores under a centred (not causal) Gaussian of `sigma_seconds`, edges reflected."""
+    return ndimage.gaussian_filter1d(np.asarray(scores, dtype=np.float64), sigma_seconds * fps, mode="reflect")
+
+
+def segments(labels: np.ndarray) -> list[tuple[int, int]]:
+    """The anomalous segments of 0/1 frame labels: (first, last) frame of each run of 1s."""
+    padded = np.concatenate([[0], np.asarray(labels, dtype=np.int8) > 0, [0]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(start), int(stop) - 1) for start, stop in zip(edges[::2], edges[1::2])]
+
+
+@dataclass
+class EventCounts:
+    """Events against ground-truth segments: recall (segments an event overlaps) and false events (overlapping none)."""
+
+    segments: int = 0
+    found: int = 0
+    events: int = 0
+    false_events: int = 0
+    normal_seconds: float = 0.0  # duration of the normal frames, for false events per hour
+
+    @classmethod
+    def of(cls, spans: list[tuple[int, int]], labels: np.ndarray, fps: float) -> EventCounts:
+        """Counts for events spanning frames [start, end] (inclusive) against frame `labels`."""
+        truth = segments(labels)
+
+        def overlaps(a, b):
+            return a[0] <= b[1] and b[0] <= a[1]
+
+        found = sum(any(overlaps(segment, span) for span in spans) for segment in truth)
+        false = sum(not any(overlaps(span, segment) for segment in truth) for span in spans)
+        normal = float((np.asarray(labels) == 0).sum()) / fps
+        return cls(len(truth), found, len(spans), false, normal)
+
+    def __add__(self, other: EventCounts) -> EventCounts:
+        return EventCounts(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+    @property
+    def recall(self) -> float | None:
+        return self.found / self.segments if self.segments else None
+
+    @property
+    def false_per_hour(self) -> float | None:
+        return 3600 * self.false_events / self.normal_seconds if self.normal_seconds else None
+
+
+def operating_point(flags: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """(TPR, FPR) of per-frame decisions `flags` against frame `labels` (None where a class is missing)."""
+    flags, labels = np.asarray(flags, dtype=bool), np.asarray(labels) > 0
+    tpr = float(flags[labels].mean()) if labels.any() else None
+    fpr = float(flags[~labels].mean()) if (~labels).any() else None
+    return tpr, fpr

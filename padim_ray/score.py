@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ import ray
 import torch
 
 from padim_ray.config import MAX_FRAME_SIDE, ClusterConfig, ConfigError, ScoreConfig
+from padim_ray.decisions import Decision, DecisionOptions, frame_columns, input_events, resolve_decision, write_events
 from padim_ray.embedding import Embedder
 from padim_ray.errors import PadimError, first_line
 from padim_ray.frames import frames_dataset
@@ -29,8 +30,8 @@ from padim_ray.streaming import Progress, SplitConsumer, raise_first_failure, st
 from padim_ray.files import Location
 from padim_ray.publish import PendingStore, holds_progress, is_committed, staged_store
 from padim_ray.store import (
-    MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, publish_maps, read_progress,
-    read_scores, trim_map_arrays, write_scores,
+    MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, open_pending_array,
+    publish_maps, read_progress, read_scores, trim_map_arrays, write_scores,
 )
 from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, make_units
 
@@ -151,6 +152,8 @@ class ScoreResult:
     seconds: float
     lost_actors: int = 0
     resumed_frames: int = 0  # frames an earlier, stopped run had scored
+    decision: Decision | None = None  # the threshold used (None: no flags, no events)
+    events: dict = field(default_factory=dict)  # input id -> its events (events.Event)
 
 
 def score_inputs(
@@ -162,8 +165,10 @@ def score_inputs(
     cluster: ClusterConfig = ClusterConfig(),
     overwrite: bool = False,
     address: str | None = None,
+    decisions: DecisionOptions = DecisionOptions(),
 ) -> ScoreResult:
-    """Score every frame of `inputs` with the model at `model_path`; write maps (zarr) and per-frame scores (Parquet) to `out`.
+    """Score every frame of `inputs` with the model at `model_path`; write maps (zarr) and per-frame scores (Parquet) to `out`,
+    and with a threshold (`decisions`, or the model's calibration) per-frame flags and events (decisions.py).
 
     Finished chunks are recorded as they are written: a lost actor's unfinished ones are redone on the
     others (or new actors), up to `cluster.max_retries` lost actors, and a stopped run's are kept in
@@ -174,6 +179,7 @@ def score_inputs(
     store = open_model(model_path)
     store.check_reproduced(Embedder(store.attributes.model_config), SCORE_REFUSAL)  # before any cluster work
     size = parse_map_size(map_size, store.attributes.image_size)
+    decision = resolve_decision(store.attributes, decisions)
     chunk = score.chunk_frames
     units, estimate = make_units(expand_inputs(list(inputs)), folder_unit_frames=math.ceil(FRAMES_PER_FOLDER_UNIT / chunk) * chunk)
     targets = map_targets(units, size)
@@ -195,9 +201,26 @@ def score_inputs(
         accounting.check(units)
         frames = _frames_per_input(units, targets, accounting)
         trim_map_arrays(pending.root, frames)
-        write_scores(pending.staging, _score_table(rows, targets))
+        table, events = _score_table(rows, targets), {}
+        if decision is not None:
+            table |= frame_columns(table["score"], decision)
+            events = _events(pending, table, units, targets, decision, chunk)
+            write_events(pending.staging, events, decision)
+        write_scores(pending.staging, table)
         publish_maps(pending, MapAttributes.of(store, score))
-    return ScoreResult(out, frames, time.monotonic() - started, lost, resumed)
+    return ScoreResult(out, frames, time.monotonic() - started, lost, resumed, decision, events)
+
+
+def _events(pending: PendingStore, table: dict[str, list], units: list[WorkUnit], targets, decision: Decision, chunk: int) -> dict:
+    """input id -> its events, read from the maps written to `pending`, inputs in the table's order."""
+    fps = {targets[u.uid].input_id: u.fps for u in units}
+    names = np.array(table["input"])
+    scores = np.array(table["score"])
+    events = {}
+    for name in dict.fromkeys(table["input"]):
+        maps = open_pending_array(pending.root, name)
+        events[name] = input_events(maps, scores[names == name], fps[name], decision, chunk)
+    return events
 
 
 def _score_units(units, targets, store, score: ScoreConfig, cluster: ClusterConfig, pending: PendingStore, progress: Progress, address) -> int:

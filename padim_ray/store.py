@@ -33,6 +33,7 @@ from padim_ray.leases import WRITING_MARKER
 from padim_ray.publish import ROOT_METADATA, PendingStore, StoreKind, commit_store, is_committed
 
 SCORES_FILE = "scores.parquet"  # per-frame results, beside the maps
+EVENTS_FILE = "events.parquet"  # the events a scoring's threshold found (decisions.py)
 MAPS_GROUP = "maps.zarr"  # anomaly-map sequences, one array per input
 MAPS_KIND = "anomaly-maps"  # the map group's `kind` attribute
 MAP_SOURCE = "source"  # the attribute of an input's map array that names the input
@@ -41,7 +42,7 @@ MAP_SOURCE = "source"  # the attribute of an input's map array that names the in
 MAP_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 ARRAYS = {"mean": "float64", "covariance": "float64", "precision": "float32", "m2": "float64"}
 MODEL_STORE = StoreKind("model", "", frozenset({ROOT_METADATA, *ARRAYS}))
-MAP_STORE = StoreKind("anomaly-map store", MAPS_GROUP, frozenset({MAPS_GROUP, SCORES_FILE}))
+MAP_STORE = StoreKind("anomaly-map store", MAPS_GROUP, frozenset({MAPS_GROUP, SCORES_FILE, EVENTS_FILE}))
 
 
 class StoreError(PadimError):
@@ -57,7 +58,7 @@ def create_model_store(pending: PendingStore, positions: int, dims: int, shard_p
             zarr.create_array(pending.array_store(name), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, zarr_format=3)
 
 
-def _open_pending_array(root: Location, name: str) -> zarr.Array:
+def open_pending_array(root: Location, name: str) -> zarr.Array:
     """Array `name` of the group being built at `root` (PendingStore.root), for writing."""
     return zarr.open_array((root / name).zarr_store(read_only=False), mode="r+", zarr_format=3)
 
@@ -66,7 +67,7 @@ def write_shard(root: Location, start: int, arrays: dict[str, np.ndarray]) -> No
     """Write one position shard [start, start + len) of every array; shards must align with chunks."""
     with storage_errors(root):
         for name, values in arrays.items():
-            _open_pending_array(root, name)[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
+            open_pending_array(root, name)[start : start + len(values)] = values.astype(ARRAYS[name], copy=False)
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class MapChunkWriter:
         index = row[1]
         if input_id not in self.arrays:  # every chunk gets written: skip zarr's all-fill-value scan (~15 ms each)
             with storage_errors(self.pending.root):
-                self.arrays[input_id] = _open_pending_array(self.pending.root, input_id).with_config({"write_empty_chunks": True})
+                self.arrays[input_id] = open_pending_array(self.pending.root, input_id).with_config({"write_empty_chunks": True})
         if index >= self.arrays[input_id].shape[0]:
             source = map_source(self.arrays[input_id])
             raise StoreError(f"{source} decoded to more frames than its header declares ({index + 1} > "
@@ -316,7 +317,7 @@ def trim_map_arrays(root: Location, frames: dict[str, int]) -> None:
     """Cut each input's map array (in the pending maps.zarr `root`) to the frames actually decoded."""
     with storage_errors(root):
         for input_id, count in frames.items():
-            array = _open_pending_array(root, input_id)
+            array = open_pending_array(root, input_id)
             if array.shape[0] != count:
                 array.resize((count, *array.shape[1:]))
 

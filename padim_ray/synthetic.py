@@ -1,5 +1,5 @@
 """STC-shaped synthetic scenes with exact ground truth: a static textured campus, walking people,
-and test clips with anomalies (a fast vehicle, a thrown object) whose pixel masks are exact.
+and test clips with anomalies (a fast vehicle, a thrown object, both at once, or none) whose pixel masks are exact.
 
 Written in the ShanghaiTech Campus layout (docs/design.md, "ShanghaiTech Campus layout"), deterministic for a seed.
 """
@@ -22,13 +22,14 @@ class SyntheticSpec:
     scenes: tuple[str, ...] = ("01",)
     train_videos: int = 3  # per scene; fewer frames leave walkway positions unseen in training
     train_frames: int = 64  # per training video
-    test_clips: int = 2  # per scene; every clip has one anomaly
+    test_clips: int = 2  # per scene; clip i shows anomalies[i % len(anomalies)]
     test_frames: int = 40  # per test clip
     width: int = 856  # STC's frame size
     height: int = 480
     walkers: int = 8  # people on screen at a time
     fps: int = 24
     seed: int = 0
+    anomalies: tuple[str, ...] = ("vehicle", "thrown")  # per clip, in turn: one of ANOMALIES
 
 
 @dataclass
@@ -97,15 +98,22 @@ def _walker(spec: SyntheticSpec, rng: np.random.Generator) -> _Mover:
     )
 
 
-def _anomaly(kind: str, spec: SyntheticSpec, rng: np.random.Generator) -> _Mover:
-    """A vehicle (large, fast, along the walkway) or an object thrown in an arc."""
+# what a test clip shows from a third of the way in: a vehicle (large, fast, along the walkway), an
+# object thrown in an arc, both at once (the object thrown from the far side), or nothing (a normal clip)
+ANOMALIES = ("vehicle", "thrown", "vehicle+thrown", "none")
+
+
+def _anomalies(kind: str, spec: SyntheticSpec) -> list[_Mover]:
+    """The movers of one of ANOMALIES."""
     h, w = spec.height, spec.width
-    if kind == "vehicle":
-        return _Mover(y=0.7 * h, x=-0.1 * w, vy=0.0, vx=0.04 * w, ry=0.07 * h, rx=0.08 * w, color=np.array([220.0, 30.0, 30.0]))
-    return _Mover(
+    vehicle = _Mover(y=0.7 * h, x=-0.1 * w, vy=0.0, vx=0.04 * w, ry=0.07 * h, rx=0.08 * w, color=np.array([220.0, 30.0, 30.0]))
+    thrown = _Mover(
         y=0.6 * h, x=0.1 * w, vy=-0.03 * h, vx=0.03 * w, ry=0.03 * h, rx=0.03 * h,
         color=np.array([30.0, 220.0, 60.0]), gravity=0.0015 * h,
     )
+    if kind == "vehicle+thrown":
+        thrown.x, thrown.vx = 0.9 * w, -thrown.vx
+    return {"vehicle": [vehicle], "thrown": [thrown], "vehicle+thrown": [vehicle, thrown], "none": []}[kind]
 
 
 class _Scene:
@@ -115,7 +123,7 @@ class _Scene:
         self.spec, self.rng, self.background = spec, rng, background
         self.walkers = [_walker(spec, rng) for _ in range(spec.walkers)]
 
-    def frame(self, anomaly: _Mover | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def frame(self, anomalies: list[_Mover] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The next frame (H, W, 3) uint8 and its anomaly mask (H, W) uint8."""
         h, w = self.spec.height, self.spec.width
         image = self.background.copy()
@@ -125,7 +133,7 @@ class _Scene:
             if not -0.05 * w < walker.x < 1.05 * w:
                 walker.x = 1.04 * w if walker.vx < 0 else -0.04 * w
         mask = np.zeros((h, w), dtype=np.uint8)
-        if anomaly is not None:
+        for anomaly in anomalies:
             covered = anomaly.mask(h, w)
             image[covered] = anomaly.color
             mask[covered] = 1
@@ -153,6 +161,9 @@ def make_synthetic(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> P
     """Generate a dataset in the STC layout under `root`; returns `root`."""
     from PIL import Image
 
+    unknown = sorted(set(spec.anomalies) - set(ANOMALIES))
+    if unknown or not spec.anomalies:
+        raise ValueError(f"anomalies must be some of {ANOMALIES}, got {spec.anomalies}")
     root = Path(root)
     videos = root / "training" / "videos"
     frames_dir, frame_masks, pixel_masks = (root / "testing" / n for n in ("frames", "test_frame_mask", "test_pixel_mask"))
@@ -167,14 +178,13 @@ def make_synthetic(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> P
             write_video(videos / f"{scene}_{video:03d}.avi", frames, spec.fps)
         for clip in range(1, spec.test_clips + 1):
             camera = _Scene(spec, rng, background)
-            kind = ("vehicle", "thrown")[(clip - 1) % 2]
             onset = spec.test_frames // 3
-            anomaly = _anomaly(kind, spec, rng)
+            anomalies = _anomalies(spec.anomalies[(clip - 1) % len(spec.anomalies)], spec)
             name = f"{scene}_{clip:04d}"
             (frames_dir / name).mkdir(exist_ok=True)
             masks = []
             for t in range(spec.test_frames):
-                image, mask = camera.frame(anomaly if t >= onset else None)
+                image, mask = camera.frame(anomalies if t >= onset else [])
                 Image.fromarray(image).save(frames_dir / name / f"{t:03d}.jpg", quality=95)
                 masks.append(mask)
             pixel = np.stack(masks)  # (T, H, W)

@@ -29,19 +29,19 @@ class EventConfig:
     """How frames over a threshold become events (events.py)."""
 
     hysteresis: float = 0.9  # off level = hysteresis * threshold: an event continues through frames >= off
-    min_seconds: float = 0.2  # shorter tracks are no events
-    merge_seconds: float = 1.0  # a gap below the off level shorter than this merges its neighbours
+    min_event: float = 0.2  # shorter tracks are no events
+    event_gap: float = 1.0  # a gap below the off level shorter than this merges its neighbours
 
     def __post_init__(self):
         require(vars(self), {
-            "hysteresis": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
-            "min_seconds": between(0, math.inf),
-            "merge_seconds": between(0, math.inf),
+            "hysteresis": (lambda v: 0 < v <= 1, "above 0 and at most 1 (the off level as a fraction of the threshold)"),
+            "min_event": between(0, math.inf),
+            "event_gap": between(0, math.inf),
         })
 
     def frames(self, fps: float) -> tuple[int, int]:
         """(min_frames, merge_frames) at `fps`: each at least 1."""
-        return max(1, math.ceil(self.min_seconds * fps - 1e-9)), max(1, round(self.merge_seconds * fps))
+        return max(1, math.ceil(self.min_event * fps - 1e-9)), max(1, round(self.event_gap * fps))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -47,6 +48,10 @@ def plot_frame_scores(report, path: Location) -> Location:
         ax.fill_between(np.arange(len(labels)), 0, 1, where=labels > 0, color="tab:red", alpha=0.2,
                         transform=ax.get_xaxis_transform(), step="mid", label="anomaly (ground truth)")
         ax.plot(scores, color="tab:blue", linewidth=1, label="frame score")
+        for i, (start, end) in enumerate((report.events or {}).get(clip, [])):
+            ax.axvspan(start - 0.5, end + 0.5, color="tab:orange", alpha=0.35, label=None if i else "event")
+        if report.threshold:
+            ax.axhline(report.threshold["threshold"], color="tab:orange", linestyle="--", linewidth=1, label="threshold")
         ax.set_ylabel(clip)
         ax.set_xlim(0, max(1, len(scores) - 1))
     axes[0, 0].legend(loc="upper left", fontsize="small")
@@ -55,16 +60,29 @@ def plot_frame_scores(report, path: Location) -> Location:
     return _save(fig, path, dpi=110)
 
 
-def _timeline(scores: np.ndarray, labels: np.ndarray | None, width: int, height: int) -> np.ndarray:
-    """An RGB strip (height, width, 3) with the whole score curve (ground truth shaded if known)."""
+@dataclass(frozen=True)
+class Marks:
+    """What a threshold decided on one input, drawn over its video: the threshold and its events (decisions.read_events' rows)."""
+
+    threshold: float | None = None
+    events: list = field(default_factory=list)  # rows with start_frame, end_frame and the box at the peak (map pixels)
+
+
+def _timeline(scores: np.ndarray, labels: np.ndarray | None, width: int, height: int, marks: Marks = Marks()) -> np.ndarray:
+    """An RGB strip (height, width, 3) with the whole score curve (ground truth shaded if known, events
+    as orange spans, the threshold as a dashed line)."""
     fig = plt.figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
     ax = fig.add_axes((0, 0, 1, 1))
     if labels is not None:
         ax.fill_between(np.arange(len(labels)), 0, 1, where=labels > 0, color="tab:red", alpha=0.3,
                         transform=ax.get_xaxis_transform(), step="mid")
+    for event in marks.events:
+        ax.axvspan(event.start_frame - 0.5, event.end_frame + 0.5, color="tab:orange", alpha=0.45)
+    if marks.threshold is not None:
+        ax.axhline(marks.threshold, color="tab:orange", linestyle="--", linewidth=1)
     ax.plot(scores, color="white", linewidth=1.5)
     ax.set_xlim(0, max(1, len(scores) - 1))
-    ax.set_ylim(0, float(scores.max()) * 1.05 + 1e-9)
+    ax.set_ylim(0, max(float(scores.max()), marks.threshold or 0) * 1.05 + 1e-9)
     ax.axis("off")
     fig.canvas.draw()
     strip = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -87,8 +105,20 @@ def overlay(frame: np.ndarray, anomaly_map: np.ndarray, upper: float) -> np.ndar
     return (frame * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 
-def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, labels: np.ndarray | None = None) -> Path:
-    """Write an MP4: each frame with its anomaly heatmap, above a score timeline with a cursor.
+def _draw_boxes(picture: np.ndarray, t: int, marks: Marks, scale: tuple[float, float]) -> None:
+    """Outline (in place) the peak box of every event under way at frame `t`, boxes scaled from map to frame pixels."""
+    height, width = picture.shape[:2]
+    for event in marks.events:
+        if event.start_frame <= t <= event.end_frame:
+            y0, y1 = (min(height - 1, int(v * scale[0])) for v in (event.box_y0, event.box_y1 - 1))
+            x0, x1 = (min(width - 1, int(v * scale[1])) for v in (event.box_x0, event.box_x1 - 1))
+            color = (255, 140, 0)
+            picture[y0 : y1 + 1, [x0, x1]] = color
+            picture[[y0, y1], x0 : x1 + 1] = color
+
+
+def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, labels: np.ndarray | None = None, marks: Marks = Marks()) -> Path:
+    """Write an MP4: each frame with its anomaly heatmap (and the boxes of events under way), above a score timeline with a cursor.
 
     Args:
         frames: iterable of (H, W, 3) uint8 frames, in order.
@@ -107,11 +137,13 @@ def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, lab
             if container is None:
                 height, width = frame.shape[:2]
                 width, height = width - width % 2, height - height % 2  # yuv420p wants even sizes
-                strip = _timeline(scores, labels, width, strip_height)
+                strip = _timeline(scores, labels, width, strip_height, marks)
+                scale = (frame.shape[0] / maps.shape[1], frame.shape[1] / maps.shape[2])
                 container = av.open(str(out), "w")
                 stream = container.add_stream("libx264", rate=fps, options={"crf": "23"})  # plays in browsers
                 stream.width, stream.height, stream.pix_fmt = width, height + strip_height, "yuv420p"
             picture = np.concatenate([overlay(frame[:height, :width], block[t % block_frames], upper), strip], axis=0)
+            _draw_boxes(picture[:height], t, marks, scale)
             cursor = int(round(t / max(1, len(scores) - 1) * (width - 1)))
             picture[height:, max(0, cursor - 1) : cursor + 2] = (255, 220, 0)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
@@ -144,13 +176,25 @@ def render_input(
         raise PadimError(f"maps {Location(maps_path)} hold no maps of {source}; score it with `padim-ray score`")
     scores = table[table["input"] == name].sort_values("frame")["score"].to_numpy()
     frames = (frame for _, frame in iter_unit_frames(WorkUnit(0, source.uri)))
+    marks = _marks(maps_path, name)
     make_parent_folders(out)
     if not out.is_remote:
-        render_video(frames, group[name], scores, Path(out), fps)
+        render_video(frames, group[name], scores, Path(out), fps, marks=marks)
         return out
     with tempfile.TemporaryDirectory(prefix="padim-render-") as tmp:
-        out.upload(str(render_video(frames, group[name], scores, Path(tmp) / out.name, fps)))
+        out.upload(str(render_video(frames, group[name], scores, Path(tmp) / out.name, fps, marks=marks)))
     return out
+
+
+def _marks(maps_path, name: str) -> Marks:
+    """The threshold and events the scoring of `maps_path` found in input `name` (none if it used no threshold)."""
+    from padim_ray.decisions import read_events
+
+    decided = read_events(maps_path)
+    if decided is None:
+        return Marks()
+    events, decision = decided
+    return Marks(decision["threshold"], list(events[events["input"] == name].itertuples()))
 
 
 def check_render_out(out: Location, inputs: list[Location], overwrite: bool) -> None:

@@ -8,7 +8,7 @@ from padim_ray.thresholds import EventConfig
 
 # fps 10: min_frames = 3 (0.3 s), merge_frames = 3 (0.3 s); threshold 10: on = 10, off = 5
 FPS, T = 10.0, 10.0
-RULES = EventConfig(hysteresis=0.5, min_seconds=0.3, merge_seconds=0.3)
+RULES = EventConfig(hysteresis=0.5, min_event=0.3, event_gap=0.3)
 
 SCORES = [
     0, 0,
@@ -68,7 +68,7 @@ def test_frame_events_equal_the_causal_tracker_on_one_pixel_maps():
     rng = np.random.default_rng(19)
     for _ in range(300):
         scores = rng.choice([0.0, 4.0, 5.0, 7.0, 9.5, 10.0, 12.0], size=rng.integers(1, 60)).astype(np.float32)
-        rules = EventConfig(hysteresis=rng.choice([0.5, 0.8, 1.0]), min_seconds=rng.choice([0, 0.2, 0.5]), merge_seconds=rng.choice([0, 0.2, 0.4]))
+        rules = EventConfig(hysteresis=rng.choice([0.5, 0.8, 1.0]), min_event=rng.choice([0, 0.2, 0.5]), event_gap=rng.choice([0, 0.2, 0.4]))
         expected = [Span(e.start_frame, e.end_frame, e.peak_frame, e.peak_score) for e in map_events(_one_pixel(scores), FPS, T, rules)]
         assert frame_events(scores, FPS, T, rules) == expected, (scores.tolist(), rules)
 
@@ -128,7 +128,7 @@ def test_a_blob_that_disappears_for_less_than_merge_frames_stays_one_event(absen
 
 def test_frame_indices_may_skip_and_must_increase():
     blob = _map((3, 3, 9, 9, 6, (5, 5, 12)))
-    once = EventConfig(hysteresis=0.5, min_seconds=0, merge_seconds=0.3)  # min_frames 1, merge_frames 3
+    once = EventConfig(hysteresis=0.5, min_event=0, event_gap=0.3)  # min_frames 1, merge_frames 3
     frames = [(0, blob), (10, blob), (11, blob)]  # 9 unseen frames after 0: its track ended before frame 10
     assert [(e.event, e.start_frame, e.end_frame) for e in map_events(frames, FPS, T, once)] == [(0, 0, 0), (1, 10, 11)]
     tracker = RegionTracker(FPS, T, once)

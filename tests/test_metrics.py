@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from padim_ray.metrics import PixelHistograms, frame_auroc, integrate_up_to
+from padim_ray.metrics import EventCounts, PixelHistograms, frame_auroc, integrate_up_to, operating_point, segments, smoothed
 
 
 def _case(seed=0, frames=6, size=(40, 50)):
@@ -77,3 +77,30 @@ def test_frame_auroc_equals_sklearn_and_needs_both_classes():
     assert frame_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert frame_auroc(scores, np.zeros(200)) is None
     assert PixelHistograms(upper=1.0).auroc() is None
+
+
+def test_segments_are_the_runs_of_anomalous_frames():
+    assert segments(np.array([0, 1, 1, 0, 0, 1, 0, 1, 1, 1])) == [(1, 2), (5, 5), (7, 9)]
+    assert segments(np.array([1, 1])) == [(0, 1)] and segments(np.zeros(5)) == []
+
+
+def test_event_counts_recall_and_false_events_per_hour():
+    labels = np.array([0] * 10 + [1] * 5 + [0] * 10 + [1] * 5 + [0] * 10)  # segments (10, 14) and (25, 29)
+    spans = [(12, 20), (0, 3), (35, 38)]  # the first overlaps a segment; two overlap none
+    counts = EventCounts.of(spans, labels, fps=10)
+    assert (counts.segments, counts.found, counts.events, counts.false_events) == (2, 1, 3, 2)
+    assert counts.normal_seconds == 3.0 and counts.recall == 0.5 and counts.false_per_hour == 2 * 3600 / 3.0
+    pooled = counts + EventCounts.of([(25, 25)], labels, fps=10)
+    assert (pooled.segments, pooled.found, pooled.events, pooled.false_events, pooled.normal_seconds) == (4, 2, 4, 2, 6.0)
+    assert EventCounts.of([], np.ones(4), fps=10).false_per_hour is None  # no normal frames: no rate
+
+
+def test_operating_point_and_smoothing():
+    flags = np.array([1, 0, 1, 1, 0, 0], dtype=bool)
+    labels = np.array([1, 1, 0, 1, 0, 0])
+    assert operating_point(flags, labels) == (2 / 3, 1 / 3)
+    assert operating_point(flags, np.zeros(6)) == (None, 0.5)
+    step = np.r_[np.zeros(50), np.ones(50)]
+    smooth = smoothed(step, fps=10, sigma_seconds=0.5)  # sigma of 5 frames, centred
+    assert smooth[49] == pytest.approx(0.5 - 0.5 * (smooth[50] - smooth[49]), abs=0.05) and smooth[0] == 0 and smooth[-1] == 1
+    assert np.allclose(smooth, smooth[::-1] * -1 + 1)  # symmetric: centred, not causal

@@ -14,8 +14,8 @@ from padim_ray.thresholds import (
 @pytest.mark.parametrize("fps, rules, frames", [
     (25, EventConfig(), (5, 25)),
     (24, EventConfig(), (5, 24)),  # 4.8 frames: at least 0.2 s
-    (10, EventConfig(min_seconds=0.3, merge_seconds=0.3), (3, 3)),  # 0.3 * 10 = 3.0000000000000004 is 3 frames
-    (30, EventConfig(min_seconds=0, merge_seconds=0), (1, 1)),
+    (10, EventConfig(min_event=0.3, event_gap=0.3), (3, 3)),  # 0.3 * 10 = 3.0000000000000004 is 3 frames
+    (30, EventConfig(min_event=0, event_gap=0), (1, 1)),
 ])
 def test_event_config_frames(fps, rules, frames):
     assert rules.frames(fps) == frames
@@ -77,7 +77,7 @@ def _count(sequences, rates, threshold, rules):
     return sum(len(frame_events(sequence, fps, threshold, rules)) for sequence, fps in zip(sequences, rates))
 
 
-@pytest.mark.parametrize("rules", [EventConfig(), EventConfig(min_seconds=0, merge_seconds=0.2)])
+@pytest.mark.parametrize("rules", [EventConfig(), EventConfig(min_event=0, event_gap=0.2)])
 @pytest.mark.parametrize("per_hour", [0, 10, 30, 100, 300])
 def test_threshold_from_a_budget_gives_that_rate_on_the_calibration_footage(rules, per_hour):
     sequences, rates = _calibration_sequences()

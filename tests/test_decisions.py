@@ -1,0 +1,79 @@
+"""A scoring's decisions: per-frame flags and events from a threshold, what score prints and writes, and its bad thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from padim_ray.decisions import read_events
+from padim_ray.events import map_events
+from padim_ray.thresholds import EventConfig
+from padim_ray.store import open_maps, read_scores
+from padim_ray.viz import Marks, _draw_boxes
+from helpers import SMALL_CLUSTER_OPTIONS, assert_clean_failure, run, start_local_ray
+
+SCORE = ["--map-dtype", "float32", *SMALL_CLUSTER_OPTIONS, "--batch-size", "5"]
+
+
+@pytest.fixture(scope="module")
+def clip(stc_root):
+    return stc_root / "testing" / "frames" / "01_0001"
+
+
+@pytest.fixture(scope="module")
+def undecided(small_model, clip, tmp_path_factory):
+    """The clip scored by the small (uncalibrated) model without a threshold: maps and scores only."""
+    start_local_ray()
+    out = tmp_path_factory.mktemp("undecided") / "maps"
+    result = run("score", small_model, clip, "--out", out, *SCORE)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_without_calibration_or_threshold_score_writes_no_decisions(undecided):
+    assert read_events(undecided) is None
+    assert list(read_scores(undecided).columns) == ["input", "frame", "score", "max_y", "max_x"]
+
+
+def test_a_raw_threshold_flags_frames_and_finds_the_events_of_the_maps(small_model, clip, undecided, tmp_path):
+    scores = read_scores(undecided)["score"].to_numpy()
+    threshold = float(np.sort(scores)[len(scores) // 2])  # the median: some frames over, some under
+    out = tmp_path / "maps"
+    result = run("score", small_model, clip, "--out", out, "--threshold", repr(threshold), "--min-event", "0", *SCORE)
+    assert result.exit_code == 0, result.output
+    assert f"threshold {threshold:.4g} (raw" in result.stdout
+    table = read_scores(out)
+    assert np.array_equal(table["anomalous"], table["score"] >= threshold)
+    assert np.allclose(table["over"], table["score"] / threshold, rtol=1e-6) and table["quantile"].isna().all()
+    events, decision = read_events(out)
+    assert decision["threshold"] == threshold and decision["events"]["min_event"] == 0
+    maps = open_maps(out)["01_0001"][:]
+    expected = map_events(enumerate(maps), 24.0, threshold, EventConfig(min_event=0))  # STC folders are taken at 24 fps
+    assert len(expected) >= 1 and len(events) == len(expected)
+    for row, event in zip(events.itertuples(), expected):
+        assert (row.start_frame, row.end_frame, row.peak_frame, row.box_y0, row.box_x1) == (
+            event.start_frame, event.end_frame, event.peak_frame, event.box_y0, event.box_x1)
+        assert f"{event.start_s:.2f}" in result.stdout
+    assert pq.read_schema(out / "events.parquet").metadata[b"padim_ray"]
+
+
+@pytest.mark.parametrize("threshold, fragment", [
+    ("abc", "--threshold"), ("-3", "--threshold"), ("2/week", "--threshold"), ("1/h", "not calibrated"), ("auto", "not calibrated"),
+])
+def test_bad_or_unusable_thresholds_fail_in_one_line_before_scoring(small_model, clip, tmp_path, threshold, fragment):
+    out = tmp_path / "maps"
+    assert_clean_failure(run("score", small_model, clip, "--out", out, "--threshold", threshold, *SCORE), fragment, out=out)
+
+
+def test_event_boxes_are_outlined_while_the_event_lasts():
+    event = type("Row", (), dict(start_frame=2, end_frame=4, box_y0=2, box_x0=3, box_y1=6, box_x1=9))  # map pixels, half-open
+    marks = Marks(1.0, [event])
+    picture = np.zeros((20, 40, 3), dtype=np.uint8)
+    _draw_boxes(picture, 3, marks, scale=(2.0, 2.0))  # the frame is twice the map's size
+    drawn = picture.any(axis=2)
+    assert drawn[4, 6:17].all() and drawn[10, 6:17].all() and drawn[4:11, 6].all() and drawn[4:11, 16].all()
+    assert drawn.sum() == 2 * 11 + 2 * 5  # the outline only
+    untouched = np.zeros_like(picture)
+    _draw_boxes(untouched, 5, marks, scale=(2.0, 2.0))
+    assert not untouched.any()
