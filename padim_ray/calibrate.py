@@ -101,25 +101,22 @@ def seen_units(units: list[WorkUnit], store: ModelStore) -> list[WorkUnit]:
 def score_held_out(units: list[WorkUnit], seen: list[WorkUnit], store: ModelStore, embedder: Embedder, cluster: ClusterConfig) -> dict:
     """The calibration record of `units`, scored by the stored model without the frames of `seen`."""
     config = store.attributes.model_config
-    if not seen:
-        make_scorer = _stored_scorer(store.path)
-    else:
-        part, accounting = statistics_of(seen, config, embedder, cluster)
+    make_scorer = functools.partial(Scorer, store.path, SCORE)
+    if seen:
         fitted = {(Location(s["path"]).uri, s["start"], s["stop"]): s["frames"] for s in store.attributes.sources}
-        for unit in seen:
-            if accounting.totals[unit.uid] != fitted[(Location(unit.path).uri, unit.start, unit.stop)]:
-                raise CalibrationError(f"input {unit.path} decodes to other frames than model {store.path} was fitted on; it changed since the fit")
-        left = store.attributes.frames - accounting.count
-        if left < 2:
-            raise CalibrationError(f"the inputs hold {accounting.count} of the {store.attributes.frames} frames of model {store.path}: "
-                                   "too few would be left to score them; calibrate on footage the model did not see")
+        held = [fitted[(Location(u.path).uri, u.start, u.stop)] for u in seen]
+        if store.attributes.frames - sum(held) < 2:
+            raise CalibrationError(
+                f"the inputs hold {sum(held)} of the {store.attributes.frames} frames of model {store.path}: too few would be left "
+                "to score them with; calibrate on footage the model did not see"
+            )
+        part, accounting = statistics_of(seen, config, embedder, cluster)
+        changed = [u.path for u, frames in zip(seen, held) if accounting.totals[u.uid] != frames]
+        if changed:
+            raise CalibrationError(f"input {changed[0]} decodes to other frames than model {store.path} was fitted on: it changed since the fit")
         make_scorer = scorer_without(config, without(stored_statistics(store.path, embedder, cluster), part))
     sequences = frame_scores(units, make_scorer, config.image_size, cluster)
     return _calibration_record(_record_inputs(units, sequences), sequences, held_out=bool(seen))
-
-
-def _stored_scorer(path: Location):
-    return functools.partial(Scorer, path, SCORE)
 
 
 def calibrate_fit(

@@ -172,6 +172,8 @@ def _fit_scenes(
     for fit in fits:
         for skipped in fit.result.skipped:
             typer.echo(f"scene {fit.scene} skipped {skipped['path']}: {skipped['reason']}")
+        if fit.result.calibration_note:
+            typer.echo(f"scene {fit.scene}: {fit.result.calibration_note}")
 
 
 def _exit_interrupted_scenes() -> None:

@@ -88,6 +88,8 @@ def update_model(
     repeated = [str(path) for path in expand_inputs(list(inputs)) if _source_key({"path": path}) in known]
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
+    if stored.calibration:
+        log.warning("update: the updated model is uncalibrated (the calibration scored the model before the update); rerun `padim-ray calibrate`")
     starting = StartingModel(model_path, stored.frames, stored.sources, stored.skipped_inputs)
     job = FitJob(target, cluster, overwrite or target == model_path, address, checkpoint_dir, input_policy)
     return _fit_units(job, list(inputs), model_config, embedder, starting)

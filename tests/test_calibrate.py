@@ -21,6 +21,7 @@ from padim_ray.files import Location
 from padim_ray.fit import fit_model
 from padim_ray.frame_scores import statistics_of, stored_statistics, without
 from padim_ray.gaussian import GaussianStats, finalize, merge_stats, remove_stats
+from padim_ray.leases import Lease
 from padim_ray.score import score_inputs
 from padim_ray.stc import scene_videos
 from padim_ray.store import open_model, read_scores
@@ -165,7 +166,9 @@ def test_fit_records_the_scores_of_its_slice_by_the_model_without_it(models, foo
     expected = _scores(tmp_path / "rest", held, tmp_path / "maps")
     for recorded, scored in zip(calibration["sequences"], expected):
         np.testing.assert_allclose(recorded, scored, rtol=1e-4)
-    assert calibration["quantiles"][0] == min(map(min, expected)) and calibration["quantiles"][100] == max(map(max, expected))
+    recorded = np.concatenate(calibration["sequences"])
+    assert calibration["quantiles"][0] == recorded.min() and calibration["quantiles"][100] == recorded.max()
+    assert calibration["quantiles"][50] == np.median(recorded)
 
 
 def _link_frames(folder: Path, source: Path, start: int, stop: int) -> Path:
@@ -213,6 +216,11 @@ def test_calibrate_errors_are_one_line(small_model, stc_root, tmp_path):
     model = Path(shutil.copytree(small_model, tmp_path / "model"))
     assert_clean_failure(run("calibrate", model, *scene_videos(stc_root, "01"), *SMALL_CLUSTER_OPTIONS), "too few would be left")
     assert_clean_failure(run("calibrate", model, tmp_path / "missing.avi"), "does not exist")
+    lease = Lease(Location(model), "--out")  # e.g. an update replacing the model
+    try:
+        assert_clean_failure(run("calibrate", model, stc_root / "testing" / "frames" / "01_0001"), f"model {model} is being written by")
+    finally:
+        lease.release()
     for bad in ("-0.1", "0.5"):
         result = run("fit", "videos", stc_root / "training" / "videos", "--out", tmp_path / "m", *SMALL_FIT, "--calibration", bad)
         assert_clean_failure(result, "--calibration must be at least 0", out=tmp_path / "m")
