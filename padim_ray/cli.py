@@ -14,7 +14,7 @@ import typer
 
 from padim_ray.backbones import BACKBONES
 from padim_ray.cli_options import Address, CheckpointOptions, ClusterOptions, SkipBadInputs, option_groups
-from padim_ray.config import BACKBONE_DTYPES, ClusterConfig, ModelConfig, ScoreConfig
+from padim_ray.config import BACKBONE_DTYPES, CALIBRATION_FRACTION, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
 from padim_ray.thresholds import EventConfig
 from padim_ray.synthetic import SyntheticSpec
@@ -121,17 +121,22 @@ def fit(
     fan_in: Annotated[int, typer.Option(help="Partials merged per reduction task.")] = ClusterConfig.fan_in,
     checkpoints: CheckpointOptions = CheckpointOptions(),
     skip_bad_inputs: SkipBadInputs = False,
+    calibration: Annotated[float, typer.Option(
+        help="Share of the footage to calibrate on: scored by the model without it (exactly), recorded in the model; 0: none.",
+    )] = CALIBRATION_FRACTION,
     address: Address = None,
 ) -> None:
     """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs.
 
     Rerunning an interrupted fit resumes it from its checkpoints.
     """
+    from padim_ray.calibrate import check_fraction
     from padim_ray.fit import fit_model
     from padim_ray.fit_stc import StcFit, fit_stc_scene
     from padim_ray.video import InputPolicy
 
     with _one_line_errors():
+        calibration = check_fraction(calibration)
         model = ModelConfig(
             backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride,
             backbone_dtype=backbone_dtype.value,
@@ -141,19 +146,21 @@ def fit(
         if source is Source.stc:
             stc = StcFit.select(root, scene, paths, out, checkpoints.checkpoint_dir, backbone.value)
             if stc.many:
-                return _fit_scenes(stc, model, cluster, overwrite, address, input_policy)
-            result = fit_stc_scene(stc, model, cluster, overwrite, address, input_policy)
+                return _fit_scenes(stc, model, cluster, overwrite, address, input_policy, calibration)
+            result = fit_stc_scene(stc, model, cluster, overwrite, address, input_policy, calibration)
         elif not paths or out is None:
             raise PadimError("fit videos takes one or more PATHS and --out MODEL")
         else:
             result = fit_model(
                 paths, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoints.checkpoint_dir,
-                input_policy=input_policy,
+                input_policy=input_policy, calibration=calibration,
             )
     _echo_fit(result)
 
 
-def _fit_scenes(stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwrite: bool, address: str | None, input_policy: InputPolicy) -> None:
+def _fit_scenes(
+    stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwrite: bool, address: str | None, input_policy: InputPolicy, calibration: float,
+) -> None:
     """`fit stc` over several scenes: one model each, one progress bar, a summary table."""
     import time
 
@@ -163,13 +170,15 @@ def _fit_scenes(stc: StcFit, model: ModelConfig, cluster: ClusterConfig, overwri
     fits = plan_scenes(stc.root, stc.scenes, stc.out, stc.checkpoint_dir, overwrite, model)
     typer.echo(f"fitting {len(fits)} scenes ({', '.join(stc.scenes)}) -> {stc.out}", err=True)
     try:
-        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, input_policy=input_policy)
+        fit_scenes(fits, model, cluster, overwrite=overwrite, address=address, input_policy=input_policy, calibration=calibration)
     except KeyboardInterrupt:
         _exit_interrupted_scenes()
     typer.echo(format_scene_table(fits, time.monotonic() - started))
     for fit in fits:
         for skipped in fit.result.skipped:
             typer.echo(f"scene {fit.scene} skipped {skipped['path']}: {skipped['reason']}")
+        if fit.result.calibration_note:
+            typer.echo(f"scene {fit.scene}: {fit.result.calibration_note}")
 
 
 def _exit_interrupted_scenes() -> None:
@@ -192,6 +201,40 @@ def _echo_fit(result) -> None:
         typer.echo(f"skipped {len(result.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
         for skipped in result.skipped:
             typer.echo(f"  {skipped['path']}: {skipped['reason']}")
+    if result.calibration:
+        typer.echo(_describe_calibration(result.calibration))
+    if result.calibration_note:
+        typer.echo(result.calibration_note)
+
+
+def _describe_calibration(calibration: dict) -> str:
+    """One line: how much footage a calibration scored, and its frame scores' median, 99th percentile and maximum."""
+    quantiles = calibration["quantiles"]
+    how = "held out of the fit" if calibration["held_out"] else "unseen by the model"
+    return (
+        f"calibration: {calibration['frames']} frames ({calibration['seconds']:.1f} s of footage in {len(calibration['inputs'])} part(s), {how}); "
+        f"frame scores: median {quantiles[50]:.4g}, 99th percentile {quantiles[99]:.4g}, max {quantiles[100]:.4g}"
+    )
+
+
+@app.command()
+@option_groups
+def calibrate(
+    model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI); its calibration is replaced.")],
+    inputs: Annotated[list[str], typer.Argument(help="Normal footage: videos or folders of frames (paths or URIs).")],
+    cluster_options: ClusterOptions = ClusterOptions(),
+    address: Address = None,
+) -> None:
+    """Record the frame scores of normal footage the model did not see, for thresholds with a meaning.
+
+    Inputs the model was fitted on are removed from its statistics (exactly) before they are scored;
+    the stored model keeps every frame: only its calibration is written.
+    """
+    from padim_ray.calibrate import calibrate_model
+
+    with _one_line_errors():
+        result = calibrate_model(model, inputs, cluster_options.config(), address)
+    typer.echo(f"{_describe_calibration(result.calibration)} -> {result.model} ({result.seconds:.1f} s)")
 
 
 @app.command()

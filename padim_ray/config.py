@@ -23,6 +23,8 @@ MAX_FRAME_STRIDE = 100_000  # --frame-stride: more than an hour of 25 fps video 
 MAX_BATCH_SIZE = 256  # --batch-size: a ResNet's stem alone takes 4 MiB of activations per 256x256 frame
 MAX_FRAME_SIDE = 8192  # height or width of an input frame (its header) and of --map-size: 8192x8192 RGB is 192 MiB
 MAX_FPS = 240  # render --fps
+CALIBRATION_FRACTION = 0.05  # fit --calibration: share of the footage scored by the model without it (calibrate.py)
+MAX_CALIBRATION_FRACTION = 0.5  # at most this share is set aside: the model still holds every frame, but scores it without them
 
 
 class ConfigError(PadimError):

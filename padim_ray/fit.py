@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,12 +15,14 @@ import ray
 
 from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.accumulate import Accumulated, Partial, SharedJob, accumulate
+from padim_ray.calibrate import calibrate_fit, check_fraction
 from padim_ray.checkpoint import Checkpoints, default_checkpoint_dir
 from padim_ray.config import FORMAT_VERSION, ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
 from padim_ray.frames import frames_dataset
 from padim_ray.reduce import finalize_shard, shard_bounds, shard_refs, stored_shards
-from padim_ray.runtime import connect, user_errors
+from padim_ray.errors import first_line
+from padim_ray.runtime import connect, unwrap_user_error, user_errors
 from padim_ray.files import Location
 from padim_ray.publish import PendingStore, staged_store
 from padim_ray.store import MODEL_STORE, ModelAttributes, StoreError, create_model_store, open_model, publish_model
@@ -39,6 +41,7 @@ def fit_model(
     checkpoint_dir: str | Path | Location | None = None,
     input_policy: InputPolicy = InputPolicy(),
     shared: SharedJob | None = None,
+    calibration: float = 0.0,
 ) -> FitResult:
     """Fit one Gaussian per patch position on every frame of `inputs` and write the model store `out`.
 
@@ -46,8 +49,10 @@ def fit_model(
     after a crash resumes from there, and a finished fit removes it. An input that cannot be decoded
     stops the fit, or with `input_policy.skip_bad` is left out and listed in the model's
     `skipped_inputs`. `shared` is given by a job that runs several fits at once (see scenes.py).
+    With `calibration` > 0, that share of the frames (calibrate.calibration_slice) is scored by the
+    model without them and recorded as the model's calibration; the model still holds every frame.
     """
-    job = FitJob(Location(out), cluster, overwrite, address, checkpoint_dir, input_policy, shared)
+    job = FitJob(Location(out), cluster, overwrite, address, checkpoint_dir, input_policy, shared, check_fraction(calibration))
     embedder = Embedder(model_config)  # checks backbone, dims and weights here, before any cluster work
     return _fit_units(job, list(inputs), model_config, embedder)
 
@@ -83,6 +88,8 @@ def update_model(
     repeated = [str(path) for path in expand_inputs(list(inputs)) if _source_key({"path": path}) in known]
     if repeated and not force:
         raise StoreError(f"input {repeated[0]} is already in model {model_path} ({len(repeated)} such inputs); pass --force to add it again")
+    if stored.calibration:
+        log.warning("update: the updated model is uncalibrated (the calibration scored the model before the update); rerun `padim-ray calibrate`")
     starting = StartingModel(model_path, stored.frames, stored.sources, stored.skipped_inputs)
     job = FitJob(target, cluster, overwrite or target == model_path, address, checkpoint_dir, input_policy)
     return _fit_units(job, list(inputs), model_config, embedder, starting)
@@ -96,6 +103,8 @@ class FitResult:
     lost_actors: int = 0
     skipped: list[dict] = field(default_factory=list)  # inputs left out: {"path", "reason"}
     warnings: int = 0  # failures survived on the way (each logged as it happened), e.g. checkpoint saves
+    calibration: dict | None = None  # the model's calibration record (fit --calibration)
+    calibration_note: str | None = None  # why a calibration asked for is missing
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,7 @@ class FitJob:
     checkpoint_dir: str | Path | Location | None
     input_policy: InputPolicy
     shared: SharedJob | None = None
+    calibration: float = 0.0  # share of the frames to calibrate on (0: none; see calibrate.calibration_slice)
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,11 @@ def _fit_units(job: FitJob, inputs: list, model_config: ModelConfig, embedder: E
                 {"path": u.path, "start": u.start, "stop": u.stop, "frames": accumulated.accounting.totals[u.uid]} for u in good
             ]
             skipped_inputs = (starting.skipped if starting else []) + skipped
-            publish_model(pending, _model_attributes(model_config, embedder, sources, frames, skipped_inputs))
+            calibrate = job.calibration and functools.partial(
+                calibrate_fit, good, accumulated.accounting.totals, accumulated.roots, job.calibration, embedder, model_config, job.cluster, job.shared
+            )
+            attributes = _model_attributes(model_config, embedder, sources, frames, skipped_inputs)
+            calibration, note = _publish_calibrated(pending, attributes, calibrate, checkpoints)
         except BaseException:
             checkpoints.remove_if_empty()
             if checkpoints.path.exists():
@@ -155,7 +169,29 @@ def _fit_units(job: FitJob, inputs: list, model_config: ModelConfig, embedder: E
         checkpoints.remove()
     seconds = time.monotonic() - started
     log.info("fit: %d frames in %.1f s -> %s", frames, seconds, job.out)
-    return FitResult(out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped, warnings=accumulated.warnings)
+    return FitResult(
+        out=job.out, frames=frames, seconds=seconds, lost_actors=accumulated.lost_actors, skipped=skipped, warnings=accumulated.warnings,
+        calibration=calibration, calibration_note=note,
+    )
+
+
+def _publish_calibrated(pending: PendingStore, attributes: ModelAttributes, calibrate, checkpoints: Checkpoints) -> tuple[dict | None, str | None]:
+    """Publish the model with the calibration `calibrate()` returns (no `calibrate`: none), and return
+    it with a note saying why it is missing if it failed. A failed or stopped calibration costs the fit
+    nothing: the model is published uncalibrated (stopped: checkpoints removed, the stop re-raised)."""
+    calibration = note = None
+    try:
+        calibration = calibrate() if calibrate else None
+    except Exception as err:
+        note = f"calibration failed ({first_line(unwrap_user_error(err))}); the model is uncalibrated: run `padim-ray calibrate {pending.target} VIDEOS`"
+        log.warning("fit: %s", note)
+    except BaseException:
+        publish_model(pending, attributes)
+        checkpoints.remove()
+        log.error("fit: calibration stopped; model %s is published uncalibrated: run `padim-ray calibrate` on normal footage", pending.target)
+        raise
+    publish_model(pending, replace(attributes, calibration=calibration))
+    return calibration, note
 
 
 def _decodable_units(inputs: list, input_policy: InputPolicy) -> tuple[list[WorkUnit], int, list[tuple[str, str]]]:

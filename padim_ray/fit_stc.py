@@ -48,6 +48,7 @@ def fit_stc_scene(
     overwrite: bool = False,
     address: str | None = None,
     input_policy: InputPolicy = InputPolicy(),
+    calibration: float = 0.0,
 ) -> FitResult:
     """Fit the one scene of `stc` (not `many`) on its training videos, as `fit_model` fits any inputs."""
     [scene] = stc.scenes
@@ -55,5 +56,5 @@ def fit_stc_scene(
     checkpoint_dir = stc.checkpoint_dir and scene_path(stc.checkpoint_dir, scene)
     return fit_model(
         inputs, scene_path(stc.out, scene), model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoint_dir,
-        input_policy=input_policy,
+        input_policy=input_policy, calibration=calibration,
     )

@@ -3,7 +3,8 @@
 Frames are folded into shifted float64 sums (StatsAccumulator); finished statistics are kept centred
 (count, mean, M2 = sum of outer products of deviations) and combined with Chan et al.'s pairwise
 formula, so a fit over any split of the frames equals a two-pass float64 computation even when
-|mean| >> std. No Ray, no zarr: plain torch.
+|mean| >> std; the same formula run backwards removes a part's statistics (calibration). No Ray, no
+zarr: plain torch.
 """
 
 from __future__ import annotations
@@ -159,6 +160,27 @@ def merge_stats(a: GaussianStats, b: GaussianStats) -> GaussianStats:
     mean = a.mean + delta * (b.count / count)
     m2 = torch.add(a.m2, b.m2)  # the one new (P, d, d) tensor: inputs may be read-only views of Ray's object store
     m2.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=a.count * b.count / count)  # batched rank-1, in place
+    return GaussianStats(count=count, mean=mean, m2=m2)
+
+
+def remove_stats(total: GaussianStats, part: GaussianStats) -> GaussianStats:
+    """The statistics of the embeddings of `total` that are not in `part`: Chan's merge run backwards.
+
+    With n = n_total - n_part and d = mean_part - mean_total: mean = mean_total - d * n_part / n and
+    M2 = M2_total - M2_part - d d^T * n_total * n_part / n, so merge_stats(result, part) == total.
+    Exact in float64 up to rounding (the cancellation is relative to M2_total); `part` must be a subset of `total`.
+    """
+    if total.mean.shape != part.mean.shape:
+        raise ValueError(f"cannot remove statistics of shape {tuple(part.mean.shape)} from statistics of shape {tuple(total.mean.shape)}")
+    if part.count == 0:
+        return total
+    count = total.count - part.count
+    if count < 1:
+        raise ValueError(f"cannot remove {part.count} embeddings from statistics of {total.count}: nothing would be left")
+    delta = part.mean - total.mean  # (P, d)
+    mean = total.mean - delta * (part.count / count)
+    m2 = torch.sub(total.m2, part.m2)  # one new (P, d, d) tensor: inputs may be read-only views of Ray's object store
+    m2.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=-total.count * part.count / count)
     return GaussianStats(count=count, mean=mean, m2=m2)
 
 

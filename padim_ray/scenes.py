@@ -108,6 +108,7 @@ def fit_scenes(
     address: str | None = None,
     input_policy: InputPolicy = InputPolicy(),
     in_flight: int = SCENES_IN_FLIGHT,
+    calibration: float = 0.0,
 ) -> list[SceneFit]:
     """Fit every planned scene (see plan_scenes), `in_flight` at a time, with one progress bar.
 
@@ -122,7 +123,7 @@ def fit_scenes(
     try:
         _run(todo, in_flight, lambda fit: fit_model(
             fit.videos, fit.out, model_config, cluster, overwrite=overwrite, address=address,
-            checkpoint_dir=fit.checkpoint_dir, input_policy=input_policy, shared=shared,
+            checkpoint_dir=fit.checkpoint_dir, input_policy=input_policy, shared=shared, calibration=calibration,
         ))
     finally:
         shared.bar.close()

@@ -44,14 +44,25 @@ class Scorer:
 
     def __init__(self, model_path: str | Path | Location, score: ScoreConfig = ScoreConfig(), device: torch.device | str = "cpu"):
         store = open_model(model_path)
-        config = store.attributes.model_config
-        self.embedder = Embedder(config, device)
-        store.check_reproduced(self.embedder, SCORE_REFUSAL)
-        device = self.embedder.device
-        self.mean = torch.from_numpy(store.read("mean")).to(device, torch.float32)  # (P, d)
-        self.precision = torch.from_numpy(store.read("precision")).to(device, torch.float32)  # (P, d, d)
+        embedder = Embedder(store.attributes.model_config, device)
+        store.check_reproduced(embedder, SCORE_REFUSAL)
+        self._load(embedder, store.read("mean"), store.read("precision"), score)
+
+    @classmethod
+    def from_arrays(cls, embedder: Embedder, mean: np.ndarray, precision: np.ndarray, score: ScoreConfig = ScoreConfig()) -> Scorer:
+        """A scorer of Gaussians held in memory, (P, d) means and (P, d, d) float32 precisions, as a
+        model store holds them (calibrate.py scores with a model some frames were removed from)."""
+        scorer = cls.__new__(cls)
+        scorer._load(embedder, mean, precision, score)
+        return scorer
+
+    def _load(self, embedder: Embedder, mean: np.ndarray, precision: np.ndarray, score: ScoreConfig) -> None:
+        self.embedder = embedder
+        device, size = embedder.device, embedder.image_size
+        self.mean = torch.from_numpy(mean).to(device, torch.float32)  # (P, d)
+        self.precision = torch.from_numpy(precision).to(device, torch.float32)  # (P, d, d)
         self.kernel = gaussian_kernel(score.blur_sigma, score.blur_truncate)
-        self.blur_size = (config.image_size, config.image_size) if score.blur_at == "model" else None
+        self.blur_size = (size, size) if score.blur_at == "model" else None
 
     @torch.inference_mode()
     def distances(self, frames: np.ndarray) -> torch.Tensor:

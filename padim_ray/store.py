@@ -7,7 +7,7 @@ Layout of MODEL/ (a zarr v3 group):
     m2          (P, d, d)  float64   sum of outer products of deviations: with `frames` and `mean`,
                                      the exact state needed to merge more footage later
     attributes: ModelAttributes (format_version, package_version, model config, backbone facts,
-                channel_indices, grid, frames, sources, skipped_inputs)
+                channel_indices, grid, frames, sources, skipped_inputs, calibration)
 Every array is chunked along positions only, one chunk per reduction shard, so each reducer writes
 whole chunks (zarr read-modify-writes chunks: two writers in one chunk would race).
 
@@ -19,6 +19,7 @@ is the last write, so nothing opens as a store before it is complete.
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -90,6 +91,7 @@ class ModelAttributes:
     frames: int
     sources: list[dict]  # {"path", "start", "stop", "frames"} per work unit fitted
     skipped_inputs: list[dict] = field(default_factory=list)  # {"path", "reason"}; absent from the first models
+    calibration: dict | None = None  # frame scores of footage the scoring model did not see (calibrate.py); None: uncalibrated
 
     @property
     def model_config(self) -> ModelConfig:
@@ -107,6 +109,17 @@ class ModelAttributes:
 def publish_model(pending: PendingStore, attributes: ModelAttributes) -> None:
     """Record the attributes and the format version, making the model visible at its target (one last write)."""
     commit_store(pending, attributes.to_attributes())
+
+
+def record_calibration(path: Location, calibration: dict | None) -> None:
+    """Set the `calibration` attribute of the model at `path` in one write of its root metadata (a rename
+    locally, one upload on object storage): readers see the old attributes or the new, never a mix. The
+    caller holds the model's lease, so no other run replaces the model meanwhile."""
+    root = Location(path) / ROOT_METADATA
+    with storage_errors(root):
+        metadata = json.loads(root.read_bytes())
+    metadata["attributes"]["calibration"] = calibration
+    _replace_file(root, json.dumps(metadata, indent=2).encode())
 
 
 @dataclass

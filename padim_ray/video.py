@@ -51,8 +51,8 @@ class WorkUnit:
 
     uid: int
     path: str  # a video file, or a folder of frames
-    start: int = 0  # first frame file (folders only)
-    stop: int | None = None  # one past the last frame file (folders only)
+    start: int = 0  # first frame: a folder's file index; a video's frame index (decoded from the start, earlier frames dropped)
+    stop: int | None = None  # one past the last frame (None: to the end). make_units cuts folders only; calibration cuts videos too
     frames: int = 0  # frames the header declares (videos) or frame files (folders); exact count comes from decoding
     height: int = 0  # native frame size
     width: int = 0
@@ -205,7 +205,7 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
     With `size`, frames come resized to (size, size) (aspect not kept, as in the paper).
     """
     if unit.is_video:
-        yield from _video_frames(unit.path, stride, size)
+        yield from _video_frames(unit.path, stride, size, unit.start, unit.stop)
     else:
         files = frame_files(unit.path)
         native = frame_size(files[0])  # every frame of an input must match its first
@@ -214,8 +214,9 @@ def iter_unit_frames(unit: WorkUnit, stride: int = 1, size: int | None = None) -
                 yield index, read_frame(file, size, native)
 
 
-def _video_frames(path: str, stride: int, size: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    """A video's (index, frame) in order, decoded with PyAV on one thread, every `stride`-th kept.
+def _video_frames(path: str, stride: int, size: int | None, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """A video's (index, frame) in order, decoded with PyAV on one thread, every `stride`-th of frames
+    [start, stop) kept (indices count from the video's first frame; earlier frames are decoded, not scaled).
 
     Not decord, which decoded videos before: decord 0.6's next() keeps queueing packets until its
     decoding thread answers, and that thread decodes the queue whenever the reader waits. A decode
@@ -233,7 +234,9 @@ def _video_frames(path: str, stride: int, size: int | None) -> Iterator[tuple[in
         declared = stream.frames
         try:
             for frame in container.decode(stream):
-                if index % stride == 0:
+                if index == stop:
+                    return
+                if index % stride == 0 and index >= start:
                     scaled = scaler.reformat(frame, width=size, height=size, format="rgb24", interpolation=Interpolation.BILINEAR)
                     yield index, scaled.to_ndarray()
                 index += 1

@@ -129,7 +129,7 @@ def test_unknown_format_version_is_refused(tmp_path):
 # the attribute names a model store and a map store record, as every model since format version 1 has them
 MODEL_ATTRIBUTES = [
     "format_version", "package_version", "config", "backbone", "weights_identity", "stages", "stage_channels", "normalization",
-    "image_size", "grid", "dims", "channel_indices", "eps", "frames", "sources", "skipped_inputs",
+    "image_size", "grid", "dims", "channel_indices", "eps", "frames", "sources", "skipped_inputs", "calibration",
 ]
 MAP_ATTRIBUTES = ["format_version", "kind", "model", "model_facts", "blur_sigma", "blur_truncate", "blur_at"]
 
@@ -140,10 +140,11 @@ def test_stored_attribute_names_do_not_change(tmp_path):
     assert list(maps.to_attributes()) == MAP_ATTRIBUTES
     out = Location(tmp_path / "model")
     pending, _ = _pending_model(out)
-    first_models = {k: v for k, v in _attributes(3).to_attributes().items() if k != "skipped_inputs"}  # written before --skip-bad-inputs
+    # written before --skip-bad-inputs and calibration
+    first_models = {k: v for k, v in _attributes(3).to_attributes().items() if k not in ("skipped_inputs", "calibration")}
     commit_store(pending, first_models)
     model = open_model(out)
-    assert model.attributes.frames == 3 and model.attributes.skipped_inputs == []
+    assert model.attributes.frames == 3 and model.attributes.skipped_inputs == [] and model.attributes.calibration is None
 
 
 def test_not_a_store(tmp_path):
