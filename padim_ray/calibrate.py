@@ -29,11 +29,11 @@ from padim_ray.leases import Lease
 from padim_ray.runtime import connect, user_errors
 from padim_ray.score import Scorer
 from padim_ray.store import ModelStore, open_model, record_calibration
+from padim_ray.thresholds import calibration_record
 from padim_ray.video import WorkUnit, expand_inputs, make_units
 
 log = logging.getLogger(__name__)
 MIN_WHOLE_UNITS = 2  # the slice is whole work units when it holds at least this many, else each input's end
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
 
 
 @dataclass
@@ -116,7 +116,7 @@ def score_held_out(units: list[WorkUnit], seen: list[WorkUnit], store: ModelStor
             raise CalibrationError(f"input {changed[0]} decodes to other frames than model {store.path} was fitted on: it changed since the fit")
         make_scorer = scorer_without(config, without(stored_statistics(store.path, embedder, cluster), part))
     sequences = frame_scores(units, make_scorer, config.image_size, cluster)
-    return _calibration_record(_record_inputs(units, sequences), sequences, held_out=bool(seen))
+    return calibration_record(_record_inputs(units, sequences), sequences, held_out=bool(seen))
 
 
 def calibrate_fit(
@@ -132,7 +132,7 @@ def calibrate_fit(
         return None
     part, _ = statistics_of(held, config, embedder, cluster, shared)
     sequences = frame_scores(held, scorer_without(config, without(total, part)), config.image_size, cluster, shared)
-    return _calibration_record(_record_inputs(held, sequences), sequences, held_out=True)
+    return calibration_record(_record_inputs(held, sequences), sequences, held_out=True)
 
 
 def calibration_slice(units: list[WorkUnit], totals: dict[int, int], fraction: float, stride: int = 1) -> list[WorkUnit]:
@@ -168,21 +168,3 @@ def _record_inputs(units: list[WorkUnit], sequences: list[np.ndarray]) -> list[d
     return [
         {"path": Location(u.path).uri, "start": u.start, "stop": u.stop, "frames": len(s), "fps": float(u.fps)} for u, s in zip(units, sequences)
     ]
-
-
-def _calibration_record(inputs: list[dict], sequences: list, held_out: bool) -> dict:
-    """The calibration record (docs/design.md, "Calibration").
-
-    TODO(merge): replace with thresholds.calibration_record, which builds the same shape (issue 19's spec).
-    """
-    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s in sequences]).astype(np.float64)
-    return {
-        "frames": int(sum(entry["frames"] for entry in inputs)),
-        "seconds": float(sum(entry["frames"] / entry["fps"] for entry in inputs)),
-        "fps": float(np.median([entry["fps"] for entry in inputs])),
-        "held_out": held_out,
-        "score": "max",
-        "inputs": inputs,
-        "sequences": [np.asarray(s, dtype=np.float32).astype(np.float64).tolist() for s in sequences],
-        "quantiles": np.quantile(scores, QUANTILE_LEVELS).tolist(),
-    }
