@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -77,3 +79,27 @@ def test_event_boxes_are_outlined_while_the_event_lasts():
     untouched = np.zeros_like(picture)
     _draw_boxes(untouched, 5, marks, scale=(2.0, 2.0))
     assert not untouched.any()
+
+
+def test_evaluate_reports_the_decisions_of_maps_scored_with_a_threshold(small_model, stc_root, clip, undecided, tmp_path):
+    scores = read_scores(undecided)["score"].to_numpy()
+    threshold = float(np.sort(scores)[len(scores) // 2])
+    maps = tmp_path / "maps"
+    assert run("score", small_model, clip, "--out", maps, "--threshold", repr(threshold), "--min-event", "0", *SCORE).exit_code == 0
+    result = run("evaluate", "stc", "--scene", "01", "--root", stc_root, "--maps", maps, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "FE/h" in result.stdout and f"threshold {threshold:.4g}" in result.stdout
+    [report] = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    labels = np.load(stc_root / "testing" / "test_frame_mask" / "01_0001.npy")
+    events = read_events(maps)[0]
+    spans = list(zip(events["start_frame"], events["end_frame"]))
+    anomalous = [t for t in range(len(labels)) if labels[t]]  # one segment: the anomaly runs to the clip's end
+    assert anomalous == list(range(anomalous[0], len(labels)))
+    hit = any(start <= len(labels) - 1 and end >= anomalous[0] for start, end in spans)
+    false = sum(end < anomalous[0] for start, end in spans)
+    pooled = report["pooled"]
+    assert pooled["events"]["event_recall"] == float(hit) and pooled["events"]["false_events"] == false
+    assert pooled["events"]["false_events_per_hour"] == pytest.approx(3600 * false / ((labels == 0).sum() / 24.0))
+    flags = read_scores(maps)["score"].to_numpy() >= threshold
+    assert pooled["tpr"] == pytest.approx(flags[labels > 0].mean()) and pooled["fpr"] == pytest.approx(flags[labels == 0].mean())
+    assert pooled["frame_auroc_smoothed"] is not None
