@@ -358,7 +358,7 @@ def against_bare(doc: str, name: str, command, prepare=None, variants: dict | No
             prepare(videos, tmp)
         ours = {row: lambda inputs, scratch, run=run: run(inputs, tmp, scratch) for row, run in {f"padim-ray {name}": command, **(variants or {})}.items()}
         rows = measure_rows({**component_rows("decode", "backbone", "embedder"), **ours}, videos, args.repeat)
-    report(name, rows, next(row for row in rows if row.name == BARE), args.json)
+    report(name, rows, next(row for row in rows if row.name == BARE), args.json, {"repeat": args.repeat})
 
 
 def report(name: str, rows: list[Row], bare: Row, json_path: Path, extra: dict | None = None, notes: list[str] = ()) -> None:
