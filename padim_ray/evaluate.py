@@ -246,8 +246,7 @@ def _score_scene(model: str, clips: list, maps_path: Location, scoring: ScoringO
     from padim_ray.score import score_inputs, scored_with
     from padim_ray.store import open_model
 
-    decision = resolve_decision(open_model(model).attributes, scoring.decisions)
-    if scored_with(maps_path, model, clips, scoring.score) and decided_alike(maps_path, decision):
+    if scored_with(maps_path, model, clips, scoring.score) and decided_alike(maps_path, resolve_decision(open_model(model).attributes, scoring.decisions)):
         log.info("evaluate: %s already holds these clips scored by %s: reusing them", maps_path, model)
         return
     score_inputs(

@@ -30,6 +30,7 @@ class SyntheticSpec:
     fps: int = 24
     seed: int = 0
     anomalies: tuple[str, ...] = ("vehicle", "thrown")  # per clip, in turn: one of ANOMALIES
+    calibration_clips: int = 0  # per scene: normal clips like the test clips, in ROOT/calibration/frames/ (not STC's)
 
 
 @dataclass
@@ -157,10 +158,21 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
         container.mux(stream.encode())
 
 
-def make_synthetic(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Generate a dataset in the STC layout under `root`; returns `root`."""
+def _write_clip(folder: Path, camera: _Scene, anomalies: list[_Mover]) -> np.ndarray:
+    """Write a clip's frames as JPEGs (as STC's test clips), the anomalies entering a third of the way in; its (T, H, W) masks."""
     from PIL import Image
 
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = []
+    for t in range(camera.spec.test_frames):
+        image, mask = camera.frame(anomalies if t >= camera.spec.test_frames // 3 else [])
+        Image.fromarray(image).save(folder / f"{t:03d}.jpg", quality=95)
+        masks.append(mask)
+    return np.stack(masks)
+
+
+def make_synthetic(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+    """Generate a dataset in the STC layout under `root` (and normal clips to calibrate on, if asked); returns `root`."""
     unknown = sorted(set(spec.anomalies) - set(ANOMALIES))
     if unknown or not spec.anomalies:
         raise ValueError(f"anomalies must be some of {ANOMALIES}, got {spec.anomalies}")
@@ -177,18 +189,11 @@ def make_synthetic(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> P
             frames = [camera.frame()[0] for _ in range(spec.train_frames)]
             write_video(videos / f"{scene}_{video:03d}.avi", frames, spec.fps)
         for clip in range(1, spec.test_clips + 1):
-            camera = _Scene(spec, rng, background)
-            onset = spec.test_frames // 3
-            anomalies = _anomalies(spec.anomalies[(clip - 1) % len(spec.anomalies)], spec)
             name = f"{scene}_{clip:04d}"
-            (frames_dir / name).mkdir(exist_ok=True)
-            masks = []
-            for t in range(spec.test_frames):
-                image, mask = camera.frame(anomalies if t >= onset else [])
-                Image.fromarray(image).save(frames_dir / name / f"{t:03d}.jpg", quality=95)
-                masks.append(mask)
-            pixel = np.stack(masks)  # (T, H, W)
+            pixel = _write_clip(frames_dir / name, _Scene(spec, rng, background), _anomalies(spec.anomalies[(clip - 1) % len(spec.anomalies)], spec))
             np.save(pixel_masks / f"{name}.npy", pixel)
-            np.save(frame_masks / f"{name}.npy", pixel.reshape(len(masks), -1).max(axis=1))
+            np.save(frame_masks / f"{name}.npy", pixel.reshape(len(pixel), -1).max(axis=1))
+        for clip in range(1, spec.calibration_clips + 1):
+            _write_clip(root / "calibration" / "frames" / f"{scene}_{clip:04d}", _Scene(spec, rng, background), [])
         log.info("synthetic scene %s: %d training videos, %d test clips", scene, spec.train_videos, spec.test_clips)
     return root

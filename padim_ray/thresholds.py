@@ -7,6 +7,7 @@ calibration_record). A budget such as `1/h` becomes the threshold at which frame
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, replace
@@ -24,12 +25,15 @@ NOT_CALIBRATED = "the model is not calibrated: run `padim-ray calibrate MODEL NO
 THRESHOLD_FORMS = "auto, a false-alarm budget N/h, N/min or N/day (N >= 0), or a raw positive score"
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class EventConfig:
     """How frames over a threshold become events (events.py)."""
 
     hysteresis: float = 0.9  # off level = hysteresis * threshold: an event continues through frames >= off
-    min_event: float = 0.2  # shorter tracks are no events
+    min_event: float = 0.15  # shorter tracks are no events: 4 frames at 24 fps, 1 at 5 fps
     event_gap: float = 1.0  # a gap below the off level shorter than this merges its neighbours
 
     def __post_init__(self):
@@ -98,6 +102,10 @@ def resolve_threshold(spec: ThresholdSpec, calibration: dict | None, events: Eve
         f"at most {spec.count:g} false {noun} per {UNIT_WORDS[spec.unit]} on {_duration(calibration['seconds'])} "
         f"of calibration footage ({calibration['frames']:,} frames)"
     )
+    if spec.events_per_hour * calibration["seconds"] / 3600 < 1:  # the budget allows no event on footage this short
+        meaning += "; that footage is too short to measure this rate: the threshold is its highest score, so expect more false events"
+        log.warning("threshold: %s of calibration footage cannot measure %g false %s per %s; calibrate on more normal footage (`padim-ray calibrate`)",
+                    _duration(calibration["seconds"]), spec.count, noun, UNIT_WORDS[spec.unit])
     return Threshold(value, meaning)
 
 
