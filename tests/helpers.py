@@ -51,7 +51,9 @@ def model_options(model: ModelConfig) -> list[str]:
 
 
 SMALL_CLUSTER_OPTIONS = cluster_options(SMALL_CLUSTER)
-SMALL_FIT = [*model_options(SMALL_MODEL), *SMALL_CLUSTER_OPTIONS]  # `fit` of SMALL_MODEL on SMALL_CLUSTER
+# `fit` of SMALL_MODEL on SMALL_CLUSTER, uncalibrated as fit_model's default: the calibration's two passes cost ~16 s
+# a fit here (test_calibrate.py tests it); a test that wants it passes --calibration F after these (the last one counts)
+SMALL_FIT = [*model_options(SMALL_MODEL), *SMALL_CLUSTER_OPTIONS, "--calibration", "0"]
 
 _RAY_STARTED_WITH = {}  # the S3 endpoint the running local Ray's workers inherited
 
