@@ -68,7 +68,7 @@ def test_every_command_in_the_readmes_parses():
 def local_tour() -> list[list[str]]:
     """README.md's blocks made only of local `padim-ray` commands, in order (Fitting, then Scoring)."""
     blocks = [block for block in command_blocks(DOCS[0]) if block and not any("://" in " ".join(c) for c in block)]
-    return [command for block in blocks for command in block if command[0] in ("fit", "score", "evaluate", "render")]
+    return [command for block in blocks for command in block if command[0] in ("fit", "calibrate", "score", "evaluate", "render")]
 
 
 @pytest.mark.slow
@@ -80,16 +80,16 @@ def test_the_local_tour_runs_as_written_in_a_fresh_folder(ray_local, stc_root, t
     monkeypatch.chdir(tmp_path)
     videos = sorted((stc_root / "training" / "videos").glob("01_*.avi"))
     Path("cam1").mkdir()
-    for name, video in (("day1.mp4", videos[0]), ("day2.mp4", videos[1]), ("today.mp4", videos[0])):
+    for name, video in (("day1.mp4", videos[0]), ("day2.mp4", videos[1]), ("day3.mp4", videos[1]), ("today.mp4", videos[0])):
         shutil.copy(video, Path("cam1") / name)
     shutil.copytree(stc_root / "testing" / "frames" / "01_0001", "cam1/frames")
     tour = local_tour()
-    assert [c[0] for c in tour] == ["fit", "fit", "fit", "score", "evaluate", "evaluate", "score", "render"]
+    assert [c[0] for c in tour] == ["fit", "fit", "fit", "calibrate", "score", "evaluate", "evaluate", "score", "render", "score", "score"]
     outputs = []
     for command in tour:
         args = [word.replace("/data/shanghaitech", str(stc_root)) for word in command]
         args = [path for word in args for path in (sorted(glob.glob(word)) if "*" in word else [word])]  # as a shell expands
-        result = run(*args, *{"fit": SMALL_FIT, "score": SMALL_CLUSTER_OPTIONS}.get(args[0], []))
+        result = run(*args, *{"fit": SMALL_FIT, "calibrate": SMALL_CLUSTER_OPTIONS, "score": SMALL_CLUSTER_OPTIONS}.get(args[0], []))
         assert result.exit_code == 0, f"padim-ray {shlex.join(command)}:\n{result.output}"
         outputs.append(result.stdout)
     assert f"model: {tmp_path / 'models' / 'stc_01'} (60 frames" in outputs[0] and " kept " in outputs[1]
@@ -99,3 +99,6 @@ def test_the_local_tour_runs_as_written_in_a_fresh_folder(ray_local, stc_root, t
     assert [r["scene"] for r in json.loads(Path("evaluation/metrics.json").read_text())] == ["01"]
     assert Path("evaluation/maps_01/scores.parquet").is_file() and Path("evaluation/scene_01/roc.png").is_file()
     assert Path("today.mp4").stat().st_size > 10_000
+    assert open_model("models/cam1").attributes.calibration["frames"] == 30  # calibrated on cam1/day3.mp4 (a copy of a fitted video: other bytes, same frames)
+    for maps in ("maps/today", "maps/strict", "maps/raw"):  # the calibrated model decides by default
+        assert Path(maps, "events.parquet").is_file()
