@@ -40,7 +40,7 @@ def plot_roc(report, path: Location) -> Location:
 
 
 def plot_frame_scores(report, path: Location) -> Location:
-    """Per-frame scores of every clip, with the ground-truth anomalous frames shaded."""
+    """Per-frame scores of every clip, with the ground-truth anomalous frames shaded, events and the threshold; the pooled figures above."""
     clips = list(report.frame_scores)
     fig, axes = plt.subplots(len(clips), 1, figsize=(10, 1.8 * len(clips) + 0.6), squeeze=False)
     for ax, clip in zip(axes[:, 0], clips):
@@ -55,9 +55,23 @@ def plot_frame_scores(report, path: Location) -> Location:
         ax.set_ylabel(clip)
         ax.set_xlim(0, max(1, len(scores) - 1))
     axes[0, 0].legend(loc="upper left", fontsize="small")
+    axes[0, 0].set_title(_summary(report.pooled), fontsize="small")
     axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
     return _save(fig, path, dpi=110)
+
+
+def _summary(pooled) -> str:
+    """The scene's pooled frame-level figures in one line (percent)."""
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    line = f"frame AUROC {pct(pooled.frame_auroc)} (smoothed {pct(pooled.frame_auroc_smoothed)})"
+    if pooled.events is not None:
+        per_hour = pooled.events["false_events_per_hour"]
+        line += (f"; threshold: TPR {pct(pooled.tpr)}, FPR {pct(pooled.fpr)}; events found {pooled.events['found']}/{pooled.events['segments']}, "
+                 f"false events/h {'-' if per_hour is None else f'{per_hour:.1f}'}")
+    return line
 
 
 @dataclass(frozen=True)
