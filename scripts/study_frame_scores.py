@@ -56,6 +56,8 @@ MOVING_AVERAGE = 5  # frames, causal
 GAUSSIAN_SIGMA = 2.0  # frames, two-sided (offline)
 PEAK_MARGIN = 8  # map pixels: a peak this close to an event's region counts as on it
 BINS = 100_000  # pixel AUROC histograms
+BLOCK = 10  # frames per block of the bootstrap of AUROC differences
+RESAMPLES = 1000
 
 
 # --- footage, injected objects, labels -------------------------------------------------------------
@@ -366,6 +368,23 @@ def pixel_auroc(maps: torch.Tensor, positive: np.ndarray, ignore: np.ndarray | N
     return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
 
 
+def block_bootstrap(values: np.ndarray, base: np.ndarray, positive: np.ndarray, keep: np.ndarray, seed: int) -> list[float] | None:
+    """90 % interval of AUROC(values) - AUROC(base) over the frames `keep`, by a moving-block bootstrap
+    of the test sequence (blocks of BLOCK frames, since neighbouring frames are alike); None if too few."""
+    rng = np.random.default_rng(seed)
+    frames = len(values)
+    block = min(BLOCK, frames)
+    deltas = []
+    for _ in range(RESAMPLES):
+        starts = rng.integers(0, frames - block + 1, size=math.ceil(frames / block))
+        index = (starts[:, None] + np.arange(block)).ravel()[:frames]
+        index = index[keep[index]]
+        a, b = frame_auroc(values[index], positive[index]), frame_auroc(base[index], positive[index])
+        if a is not None and b is not None:
+            deltas.append(a - b)
+    return [float(np.quantile(deltas, 0.05)), float(np.quantile(deltas, 0.95))] if len(deltas) >= RESAMPLES // 2 else None
+
+
 def peak_on_event(maps: torch.Tensor, regions: np.ndarray) -> float:
     """Fraction of frames with an event whose map peak lies within PEAK_MARGIN map pixels of an event region."""
     frames = np.flatnonzero(regions.reshape(len(regions), -1).any(axis=1))
@@ -388,13 +407,21 @@ def study(footage: Footage, path: Path, model: str, seed: int) -> dict:
     scores = frame_scores(kinds)
     injected = data.injected.reshape(len(data.injected), -1).any(axis=1)
     natural = data.natural.reshape(len(data.natural), -1).any(axis=1)
-    labels = {"injected": injected, "injected+natural": injected | natural}
     clean = ~(injected | natural)
+    everything = np.ones_like(injected)
+    label_sets = {  # name -> (positives, the frames compared)
+        "injected": (injected, everything),
+        "injected+natural": (injected | natural, everything),
+        "injected vs clean": (injected, injected & ~natural | clean),  # frames with an injected object alone, against clean ones
+        "natural vs clean": (natural, natural & ~injected | clean),
+    }
     frame = {
         method: {
-            **{name: frame_auroc(values, label) for name, label in labels.items()},
-            # natural events against clean frames (frames with an injected object left out)
-            "natural": frame_auroc(values[natural & ~injected | clean], natural[natural & ~injected | clean]),
+            **{name: frame_auroc(values[keep], positive[keep]) for name, (positive, keep) in label_sets.items()},
+            "delta_ci90": {
+                name: None if method == "raw max" else block_bootstrap(values, scores["raw max"], positive, keep, seed)
+                for name, (positive, keep) in label_sets.items()
+            },
         }
         for method, values in scores.items()
     }
@@ -428,6 +455,12 @@ def study(footage: Footage, path: Path, model: str, seed: int) -> dict:
         "test_raw_max": {"min": float(scores["raw max"].min()), "max": float(scores["raw max"].max())},
         "frame_auroc": frame,
         "pixel": pixel,
+        "per_frame": {
+            "frame": list(range(footage.test_start, len(data.frames))),
+            "injected": injected.tolist(),
+            "natural": natural.tolist(),
+            "scores": {method: [float(f"{v:.5g}") for v in values] for method, values in scores.items()},
+        },
         "seconds": {**maps.seconds, "total": time.monotonic() - started},
     }
 
@@ -454,10 +487,11 @@ def verdict(rows: list[dict]) -> dict[str, dict]:
 
 def print_tables(rows: list[dict], verdicts: dict) -> None:
     columns = [(row["footage"], row["model"]) for row in rows]
-    print("\n| frame score | " + " | ".join(f"{f} {m} inj | {f} {m} inj+nat" for f, m in columns) + " | wins |")
-    print("|---|" + "---|" * (2 * len(columns)) + "---|")
+    sets = ("injected", "injected+natural", "injected vs clean")
+    print("\n| frame score | " + " | ".join(f"{f} {m} {labels}" for f, m in columns for labels in sets) + " | wins |")
+    print("|---|" + "---|" * (len(sets) * len(columns)) + "---|")
     for method in rows[0]["frame_auroc"]:
-        cells = [f"{row['frame_auroc'][method][labels]:.3f}" for row in rows for labels in ("injected", "injected+natural")]
+        cells = [f"{row['frame_auroc'][method][labels]:.3f}" for row in rows for labels in sets]
         win = "baseline" if method == "raw max" else ("yes" if verdicts[method]["wins_everywhere"] else "no")
         print(f"| {method} | " + " | ".join(cells) + f" | {win} |")
     print("\n| map | " + " | ".join(f"{f} {m}" for f, m in columns) + " |")
