@@ -66,23 +66,18 @@ RESAMPLES = 1000
 
 @dataclass(frozen=True)
 class Injected:
-    """A pasted object: a _Mover's ellipse, drawn from frame `start` for `frames` frames (native pixels)."""
+    """A pasted object: a _Mover's ellipse, drawn from frame `start` for `frames` frames. `motion` holds
+    the _Mover's arguments but its colour: position, velocity, radii and gravity, in native pixels."""
 
     name: str
     start: int
     frames: int
-    y: float
-    x: float
-    vy: float
-    vx: float
-    ry: float
-    rx: float
-    gravity: float = 0.0
+    motion: dict
 
     def masks(self, height: int, width: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Frame index -> (mask (H, W) bool, colour (3,)), the colour drawn from a seeded generator."""
         colour = np.random.default_rng([seed, self.start]).uniform(30, 230, size=3)
-        mover = _Mover(self.y, self.x, self.vy, self.vx, self.ry, self.rx, colour, self.gravity)
+        mover = _Mover(**self.motion, color=colour)
         out = {}
         for step in range(self.frames):
             out[self.start + step] = (mover.mask(height, width), colour)
@@ -115,11 +110,11 @@ class Footage:
 VTEST = Footage(
     name="vtest", fit_stop=400, folds=4, test_start=400, map_scale=2, box_margin=8, keyframe_scale=2,
     injected=(
-        Injected("cart along the path", 420, 30, y=225, x=-80, vy=5.8, vx=29, ry=28, rx=45),
-        Injected("ball thrown over the lawn", 465, 16, y=500, x=200, vy=-20, vx=10, ry=12, rx=12, gravity=2.5),
-        Injected("cart along the path, slower", 600, 60, y=225, x=-80, vy=2.9, vx=14.5, ry=28, rx=45),
-        Injected("thrown ball", 690, 22, y=520, x=560, vy=-22, vx=-9, ry=12, rx=12, gravity=2.0),
-        Injected("fast cart back along the path", 750, 25, y=400, x=830, vy=-6.7, vx=-35, ry=20, rx=30),
+        Injected("cart along the path", 420, 30, dict(y=225, x=-80, vy=5.8, vx=29, ry=28, rx=45)),
+        Injected("ball thrown over the lawn", 465, 16, dict(y=500, x=200, vy=-20, vx=10, ry=12, rx=12, gravity=2.5)),
+        Injected("cart along the path, slower", 600, 60, dict(y=225, x=-80, vy=2.9, vx=14.5, ry=28, rx=45)),
+        Injected("thrown ball", 690, 22, dict(y=520, x=560, vy=-22, vx=-9, ry=12, rx=12, gravity=2.0)),
+        Injected("fast cart back along the path", 750, 25, dict(y=400, x=830, vy=-6.7, vx=-35, ry=20, rx=30)),
     ),
     natural={
         "couple": {
@@ -148,8 +143,8 @@ VTEST = Footage(
 TREE = Footage(
     name="tree", fit_stop=32, folds=4, test_start=32, map_scale=1, box_margin=4,
     injected=(
-        Injected("thrown ball", 36, 8, y=200, x=30, vy=-28, vx=35, ry=8, rx=8, gravity=7.0),
-        Injected("object crossing", 57, 8, y=170, x=-20, vy=0.0, vx=45, ry=10, rx=18),
+        Injected("thrown ball", 36, 8, dict(y=200, x=30, vy=-28, vx=35, ry=8, rx=8, gravity=7.0)),
+        Injected("object crossing", 57, 8, dict(y=170, x=-20, vy=0.0, vx=45, ry=10, rx=18)),
     ),
     natural={
         "hand": {
