@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from padim_ray.backbones import BACKBONES
+from padim_ray.cli_errors import interrupted, one_line_errors
 from padim_ray.cli_options import Address, CheckpointOptions, ClusterOptions, SkipBadInputs, option_groups
 from padim_ray.config import BACKBONE_DTYPES, CALIBRATION_FRACTION, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
@@ -54,51 +54,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debu
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # failures are reported once, below
 
 
-@contextmanager
-def _one_line_errors():
-    """Turn any failure into one line on stderr and exit code 1 (130 when interrupted, 143 on SIGTERM, 129 on SIGHUP).
-
-    A PadimError is the whole message; anything else (a lost actor or node, a bug) is summarised in a
-    line and its traceback written to a log file, or shown with --verbose.
-    """
-    try:
-        yield
-    except PadimError as error:
-        # Ray Data appends retry advice to errors raised in its tasks; our message is the first line
-        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
-        raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
-        message, code = _interrupted()
-        typer.echo(message, err=True)
-        raise typer.Exit(code=code) from None
-    except Exception as error:
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise
-        log_file = _write_traceback(error)
-        error = getattr(error, "cause", None) or error  # a task's or actor's own exception, not Ray's wrapper
-        lines = str(error).strip().splitlines()
-        typer.echo(f"error: {type(error).__name__}: {lines[0][:300] if lines else ''} (traceback in {log_file}; --verbose shows it)", err=True)
-        raise typer.Exit(code=1) from None
-
-
-def _interrupted() -> tuple[str, int]:
-    """The last line and exit code of a run stopped by Ctrl-C (SIGINT) or a stop signal (SIGTERM, SIGHUP)."""
-    from padim_ray.stop_signals import stop_signal
-
-    signum = stop_signal()
-    return (f"error: terminated by {signum.name}", 128 + signum) if signum else ("error: interrupted", 130)
-
-
-def _write_traceback(error: BaseException) -> Path:
-    import tempfile
-    import time
-    import traceback
-
-    log_file = Path(tempfile.gettempdir()) / f"padim-ray-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log_file.write_text("".join(traceback.format_exception(error)))
-    return log_file
-
-
 @app.command()
 @option_groups
 def fit(
@@ -129,13 +84,15 @@ def fit(
     """Fit a PaDiM model: one Gaussian per patch position over all frames of the inputs.
 
     Rerunning an interrupted fit resumes it from its checkpoints.
+    \f
+    Over 50 lines only for typer's parameter list (one per option); the body stays thin.
     """
     from padim_ray.calibrate import check_fraction
     from padim_ray.fit import fit_model
     from padim_ray.fit_stc import StcFit, fit_stc_scene
     from padim_ray.video import InputPolicy
 
-    with _one_line_errors():
+    with one_line_errors():
         calibration = check_fraction(calibration)
         model = ModelConfig(
             backbone=backbone.value, dims=dims, weights=weights, image_size=image_size, seed=seed, frame_stride=frame_stride,
@@ -185,7 +142,7 @@ def _exit_interrupted_scenes() -> None:
     """Ctrl-C (or a stop signal) during a many-scene job: its scene threads may be inside Ray calls
     that would keep the interpreter from exiting, so the process ends at once (exit 130, or 128 +
     the signal). A local Ray it started shares its fate; a cluster's job actors end with their driver."""
-    message, code = _interrupted()
+    message, code = interrupted()
     typer.echo("fit stopped: progress is kept in each scene's checkpoints; rerun the same command to resume", err=True)
     typer.echo(message, err=True)
     sys.stdout.flush()
@@ -232,7 +189,7 @@ def calibrate(
     """
     from padim_ray.calibrate import calibrate_model
 
-    with _one_line_errors():
+    with one_line_errors():
         result = calibrate_model(model, inputs, cluster_options.config(), address)
     typer.echo(f"{_describe_calibration(result.calibration)} -> {result.model} ({result.seconds:.1f} s)")
 
@@ -254,7 +211,7 @@ def update(
     from padim_ray.fit import update_model
     from padim_ray.video import InputPolicy
 
-    with _one_line_errors():
+    with one_line_errors():
         cluster = cluster_options.config(checkpoint_every=checkpoints.checkpoint_every, max_retries=checkpoints.max_retries)
         result = update_model(
             model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoints.checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs),
@@ -287,7 +244,7 @@ def score(
     from padim_ray.decisions import DecisionOptions, format_events
     from padim_ray.score import score_inputs
 
-    with _one_line_errors():
+    with one_line_errors():
         score_config = ScoreConfig(map_dtype=map_dtype, blur_at=blur_at)
         decisions = DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap))
         result = score_inputs(
@@ -323,7 +280,7 @@ def evaluate(
     from padim_ray.evaluate import ScoringOptions, evaluate_stc, format_table
     from padim_ray.files import Location
 
-    with _one_line_errors():
+    with one_line_errors():
         if source is not Source.stc:
             raise PadimError("evaluate supports stc only: other footage has no ground truth layout")
         scoring = ScoringOptions(cluster_options.config(), overwrite=overwrite, address=address, decisions=DecisionOptions(threshold))
@@ -343,7 +300,7 @@ def render(
     """Write the footage with its anomaly heatmap and a score timeline as an MP4."""
     from padim_ray.viz import render_input
 
-    with _one_line_errors():
+    with one_line_errors():
         typer.echo(f"video: {render_input(maps, input, out, fps, overwrite)}")
 
 
@@ -377,7 +334,7 @@ def demo(
     """Offline end to end: generate a synthetic scene, fit PaDiM with pretrained EfficientNet-Lite0."""
     from padim_ray.demo import run_demo
 
-    with _one_line_errors():
+    with one_line_errors():
         run_demo(workdir, address=address)
 
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from padim_ray.events import Event, map_events
 from padim_ray.files import Location
-from padim_ray.store import EVENTS_FILE, ModelAttributes
+from padim_ray.store import ModelAttributes
+from padim_ray.map_store import EVENTS_FILE
 from padim_ray.thresholds import EventConfig, Threshold, calibrated_quantile, parse_threshold, resolve_threshold
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from padim_ray.metrics import SMOOTHING_SECONDS, EventCounts, PixelHistograms, f
 from padim_ray.stc import load_masks, mask_paths, test_clips
 from padim_ray.files import Location, make_parent_folders
 from padim_ray.publish import is_committed
-from padim_ray.store import open_maps, read_scores
+from padim_ray.map_store import open_maps, read_scores
 from padim_ray.video import FOLDER_FPS
 
 log = logging.getLogger(__name__)

@@ -317,3 +317,13 @@ def _ancestors(path: str) -> list[str]:
     while os.path.dirname(chain[-1]) != chain[-1]:
         chain.append(os.path.dirname(chain[-1]))
     return chain[::-1]
+
+
+def replace_file(file: Location, data: bytes) -> None:
+    """Write `file` in one step: a rename locally (a killed writer leaves no half file), one upload on object storage."""
+    if file.is_remote:
+        file.write_bytes(data)
+        return
+    temporary = file.parent / f".{file.name}.{os.getpid()}.tmp"
+    temporary.write_bytes(data)
+    temporary.move_to(file)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 import uuid
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,11 +27,12 @@ from padim_ray.runtime import connect, describe_plan, plan_actors, start_actors,
 from padim_ray.streaming import Progress, SplitConsumer, raise_first_failure, stream_to_actors
 from padim_ray.files import Location
 from padim_ray.publish import PendingStore, holds_progress, is_committed, staged_store
-from padim_ray.store import (
-    MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps, open_model, open_pending_array,
+from padim_ray.store import open_model, open_pending_array
+from padim_ray.map_store import (
+    MAP_STORE, MAPS_GROUP, MapAttributes, MapChunkWriter, MapTarget, create_map_arrays, map_source, open_maps,
     publish_maps, read_progress, read_scores, trim_map_arrays, write_scores,
 )
-from padim_ray.video import FRAMES_PER_FOLDER_UNIT, VIDEO_SUFFIXES, WorkUnit, expand_inputs, make_units
+from padim_ray.video import FRAMES_PER_FOLDER_UNIT, WorkUnit, expand_inputs, input_ids, make_units
 
 log = logging.getLogger(__name__)
 SCORE_REFUSAL = "it cannot be scored here: install the padim-ray and weights that fitted it, or refit it"
@@ -135,27 +134,6 @@ def map_targets(units: list[WorkUnit], map_size: tuple[int, int] | None) -> dict
     return {u.uid: MapTarget(ids[u.path], map_size or (u.height, u.width)) for u in units}
 
 
-def input_ids(paths: list[str]) -> dict[str, str]:
-    """A readable id per input, unique by construction and independent of order: the shortest suffix
-    of its path that no other input's path ends with (`01_0014`, or `a/x` and `b/x` for /a/x.mp4 and
-    /b/x.mp4), video suffixes dropped unless they alone tell two inputs apart."""
-    parts = {path: _id_parts(path, keep_suffix=False) for path in dict.fromkeys(paths)}
-    shared = Counter(parts.values())
-    parts = {path: _id_parts(path, keep_suffix=True) if shared[p] > 1 else p for path, p in parts.items()}
-    depth = max(map(len, parts.values()))
-    counts = [Counter(p[-k:] for p in parts.values()) for k in range(depth + 1)]
-    return {path: "/".join(next((p[-k:] for k in range(1, len(p)) if counts[k][p[-k:]] == 1), p)) for path, p in parts.items()}
-
-
-def _id_parts(path: str, keep_suffix: bool) -> tuple[str, ...]:
-    """The components of an input's path (the bucket's scheme first), its video suffix dropped unless `keep_suffix`."""
-    location = Location(path)
-    *folders, name = [part for part in location.path.split("/") if part]
-    if not keep_suffix and os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
-        name = os.path.splitext(name)[0]
-    return ((f"{location.protocol}:",) if location.is_remote else ()) + (*folders, name)
-
-
 @dataclass
 class ScoreResult:
     out: Location
@@ -212,14 +190,20 @@ def score_inputs(
         accounting.check(units)
         frames = _frames_per_input(units, targets, accounting)
         trim_map_arrays(pending.root, frames)
-        table, events = _score_table(rows, targets), {}
-        if decision is not None:
-            table |= frame_columns(table["score"], decision)
-            events = _events(pending, table, units, targets, decision, chunk)
-            write_events(pending.staging, events, decision)
-        write_scores(pending.staging, table)
+        events = _write_tables(pending, rows, units, targets, decision, chunk)
         publish_maps(pending, MapAttributes.of(store, score))
     return ScoreResult(out, frames, time.monotonic() - started, lost, resumed, decision, events)
+
+
+def _write_tables(pending: PendingStore, rows: dict[str, np.ndarray], units: list[WorkUnit], targets, decision: Decision | None, chunk: int) -> dict:
+    """scores.parquet, and with a decision its columns and events.parquet; returns the events per input id."""
+    table, events = _score_table(rows, targets), {}
+    if decision is not None:
+        table |= frame_columns(table["score"], decision)
+        events = _events(pending, table, units, targets, decision, chunk)
+        write_events(pending.staging, events, decision)
+    write_scores(pending.staging, table)
+    return events
 
 
 def _events(pending: PendingStore, table: dict[str, list], units: list[WorkUnit], targets, decision: Decision, chunk: int) -> dict:

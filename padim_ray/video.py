@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,9 +230,9 @@ def _video_frames(path: str, stride: int, size: int | None, start: int = 0, stop
     from av.video.reformatter import Interpolation, VideoReformatter
 
     scaler = VideoReformatter()
-    index = 0
+    index, reached = 0, 0
     with _video_stream(path) as (container, stream):
-        declared = stream.frames
+        declared, rate = stream.frames, stream.average_rate
         try:
             for frame in container.decode(stream):
                 if index == stop:
@@ -240,10 +241,19 @@ def _video_frames(path: str, stride: int, size: int | None, start: int = 0, stop
                     scaled = scaler.reformat(frame, width=size, height=size, format="rgb24", interpolation=Interpolation.BILINEAR)
                     yield index, scaled.to_ndarray()
                 index += 1
+                reached = max(index, _frame_number(frame, stream.time_base, rate) + 1)
         except av.FFmpegError as err:
             raise VideoError(f"video {path} is corrupt at frame {index} ({first_line(err)}); re-encode or remove it") from None
-    if index < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
+    if reached < declared - TRUNCATION_TOLERANCE:  # the container promised more: the file ends early
         raise VideoError(f"video {path} is truncated: decoded {index} of {declared} frames; re-copy or remove it")
+
+
+def _frame_number(frame, time_base, rate) -> int:
+    """Which of the declared frames `frame` is, by its timestamp: a video may declare empty frames that
+    repeat the last picture (OpenCV's tree.avi: 68 pictures in 444 frames), which decode to nothing."""
+    if frame.pts is None or not time_base or not rate:
+        return -1
+    return round(float(frame.pts * time_base * rate))
 
 
 def read_frame(file: Location | str | Path, size: int | None = None, native: tuple[int, int] | None = None) -> np.ndarray:
@@ -294,3 +304,24 @@ def _check_frame_size(what: str, height: int, width: int) -> None:
             f"{what} declares {width}x{height} frames, beyond 1x1 to {MAX_FRAME_SIDE}x{MAX_FRAME_SIDE}; "
             "resize it, or leave it out (--skip-bad-inputs)"
         )
+
+
+def input_ids(paths: list[str]) -> dict[str, str]:
+    """A readable id per input, unique by construction and independent of order: the shortest suffix
+    of its path that no other input's path ends with (`01_0014`, or `a/x` and `b/x` for /a/x.mp4 and
+    /b/x.mp4), video suffixes dropped unless they alone tell two inputs apart."""
+    parts = {path: _id_parts(path, keep_suffix=False) for path in dict.fromkeys(paths)}
+    shared = Counter(parts.values())
+    parts = {path: _id_parts(path, keep_suffix=True) if shared[p] > 1 else p for path, p in parts.items()}
+    depth = max(map(len, parts.values()))
+    counts = [Counter(p[-k:] for p in parts.values()) for k in range(depth + 1)]
+    return {path: "/".join(next((p[-k:] for k in range(1, len(p)) if counts[k][p[-k:]] == 1), p)) for path, p in parts.items()}
+
+
+def _id_parts(path: str, keep_suffix: bool) -> tuple[str, ...]:
+    """The components of an input's path (the bucket's scheme first), its video suffix dropped unless `keep_suffix`."""
+    location = Location(path)
+    *folders, name = [part for part in location.path.split("/") if part]
+    if not keep_suffix and os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
+        name = os.path.splitext(name)[0]
+    return ((f"{location.protocol}:",) if location.is_remote else ()) + (*folders, name)

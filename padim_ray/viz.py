@@ -175,7 +175,7 @@ def render_input(
     """Render the footage of one scored input with its maps (found by source path or input id) to `out`
     (a path, or a URI: rendered to a temp file, then uploaded). An existing `out` is replaced only
     with `overwrite`, and never when it is one of the inputs."""
-    from padim_ray.store import map_source, open_maps, read_scores
+    from padim_ray.map_store import map_source, open_maps, read_scores
     from padim_ray.video import WorkUnit, iter_unit_frames
 
     require({"fps": fps}, {"fps": between(1, MAX_FPS)})

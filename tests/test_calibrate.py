@@ -25,7 +25,8 @@ from padim_ray.gaussian import GaussianStats, finalize, merge_stats, remove_stat
 from padim_ray.leases import Lease
 from padim_ray.score import score_inputs
 from padim_ray.stc import scene_videos
-from padim_ray.store import open_model, read_scores
+from padim_ray.store import open_model
+from padim_ray.map_store import read_scores
 from padim_ray.video import WorkUnit, iter_unit_frames, make_units
 from helpers import (
     SMALL_CLUSTER, SMALL_CLUSTER_OPTIONS, SMALL_FIT, SMALL_MODEL, assert_clean_failure, cluster_options, reference_gaussians, relative_error, run,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from padim_ray.files import Location
-from padim_ray.store import open_maps, open_model, read_scores
+from padim_ray.store import open_model
+from padim_ray.map_store import open_maps, read_scores
 from helpers import BUCKET, SMALL_CLUSTER_OPTIONS, SMALL_FIT, assert_clean_failure, relative_error, run, set_moto_auth
 
 SMALL_SCORE = [*SMALL_CLUSTER_OPTIONS, "--batch-size", "5", "--map-dtype", "float32"]

@@ -11,7 +11,7 @@ import pytest
 from padim_ray.decisions import read_events
 from padim_ray.events import map_events
 from padim_ray.thresholds import EventConfig
-from padim_ray.store import open_maps, read_scores
+from padim_ray.map_store import open_maps, read_scores
 from padim_ray.viz import Marks, _draw_boxes
 from helpers import SMALL_CLUSTER_OPTIONS, assert_clean_failure, run, start_local_ray
 

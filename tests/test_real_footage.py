@@ -16,7 +16,7 @@ from padim_ray.config import ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.fit import fit_model
 from padim_ray.metrics import PixelHistograms
 from padim_ray.score import score_inputs
-from padim_ray.store import open_maps
+from padim_ray.map_store import open_maps
 from padim_ray.video import WorkUnit, iter_unit_frames
 
 VTEST = Path(os.environ.get("PADIM_RAY_VTEST", Path(__file__).parent.parent / "data" / "vtest.avi"))
@@ -73,3 +73,15 @@ def test_pasted_object_is_localised_in_real_footage(ray_local, vtest, tmp_path):
         histograms.add(anomaly_map, mask)
     print(f"vtest pixel AUROC {histograms.auroc():.4f}, PRO {histograms.pro():.4f}")
     assert histograms.auroc() >= 0.90
+
+
+def test_a_video_of_repeated_pictures_is_not_mistaken_for_a_truncated_one():
+    """OpenCV's tree.avi declares 444 frames at 15 fps, of which 68 hold pictures and the rest are empty
+    entries that repeat the last one: it decodes to 68 frames and is whole (timestamps reach frame 443)."""
+    tree = VTEST.parent / "tree.avi"
+    if not tree.is_file():
+        message = f"{tree} is missing: fetch it with `bash scripts/fetch_vtest.sh`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    assert [index for index, _ in iter_unit_frames(WorkUnit(0, str(tree)), size=64)] == list(range(68))

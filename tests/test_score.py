@@ -13,7 +13,8 @@ import zarr
 from scipy.ndimage import gaussian_filter
 
 from padim_ray.config import ClusterConfig, ScoreConfig
-from padim_ray.score import Scorer, input_ids, score_inputs
+from padim_ray.score import Scorer, score_inputs
+from padim_ray.video import input_ids
 from padim_ray.store import open_model
 from padim_ray.video import WorkUnit, iter_unit_frames
 from helpers import SMALL_CLUSTER, relative_error

@@ -35,7 +35,8 @@ from padim_ray.evaluate import ScoringOptions, evaluate_stc
 from padim_ray.score import score_inputs
 from padim_ray import stc
 from padim_ray.publish import commit_store, holds_progress, staged_store
-from padim_ray.store import MODEL_STORE, read_scores
+from padim_ray.store import MODEL_STORE
+from padim_ray.map_store import read_scores
 from helpers import SMALL_CLUSTER, SMALL_CLUSTER_OPTIONS, TESTS, relative_error, run, start_local_ray
 from holding import HOLD_AFTER_ENV, RELEASE_ENV, HeldScorer
 

@@ -9,10 +9,8 @@ import zarr
 from padim_ray.files import Location, StorageError
 from padim_ray.leases import WRITING_MARKER
 from padim_ray.publish import abort_store, begin_store, commit_store, staged_store
-from padim_ray.store import (
-    MAP_STORE, MODEL_STORE, MapAttributes, ModelAttributes, StoreError, create_map_arrays, create_model_store, open_maps, open_model,
-    publish_maps, publish_model, write_scores, write_shard,
-)
+from padim_ray.store import MODEL_STORE, ModelAttributes, StoreError, create_model_store, open_model, publish_model, write_shard
+from padim_ray.map_store import MAP_STORE, MapAttributes, create_map_arrays, open_maps, publish_maps, write_scores
 
 
 def _attributes(frames: int) -> ModelAttributes:

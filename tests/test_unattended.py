@@ -88,11 +88,11 @@ def test_sighup_ends_a_command_in_one_line_with_129():
     """SIGHUP (a closed terminal) ends a command as SIGTERM does, with its own exit code; no Ray needed."""
     script = (
         "import os, signal, typer\n"
-        "from padim_ray.cli import _one_line_errors\n"
+        "from padim_ray.cli_errors import one_line_errors\n"
         "from padim_ray.stop_signals import handle_stop_signals\n"
         "handle_stop_signals()\n"
         "try:\n"
-        "    with _one_line_errors():\n"
+        "    with one_line_errors():\n"
         "        os.kill(os.getpid(), signal.SIGHUP)\n"
         "        signal.pause()\n"
         "except typer.Exit as done:\n"
