@@ -324,8 +324,7 @@ def watch(
             decisions=DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap)),
         )
         result = watch_sources(model, sources, out, options, address)
-    closed = sum(1 for notice in result.notices if notice["notice"] == "closed")
-    typer.echo(f"watched {len(result.cameras)} camera(s): {closed} event(s) -> {result.out / 'events.jsonl'}", err=True)
+    typer.echo(f"watched {len(result.cameras)} camera(s): {result.closed} event(s) -> {result.out / 'events.jsonl'}", err=True)
 
 
 @app.command()

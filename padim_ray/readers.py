@@ -66,14 +66,14 @@ def camera_names(sources: list[str]) -> list[tuple[str, str]]:
     named = []
     for source in sources:
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)=(.+)", source)
-        if match and not is_url(source):
+        if match and not is_url(source) and not Path(source).exists():
             name, source = match[1], match[2]
         elif is_url(source):
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("://", 1)[1]).strip("_.") or "camera"
         else:
             name = Path(source).stem or "camera"
-        if not is_url(source) and not Path(source).is_file():
-            raise SourceError(f"source {source} is neither a video file nor a URL ({', '.join(s.rstrip(':/') for s in URL_SCHEMES)})")
+        if not is_url(source):
+            _check_file(source)
         named.append((name, source))
     seen: collections.Counter = collections.Counter()
     unique = []
@@ -81,6 +81,16 @@ def camera_names(sources: list[str]) -> list[tuple[str, str]]:
         seen[name] += 1
         unique.append((name if seen[name] == 1 else f"{name}_{seen[name]}", source))
     return unique
+
+
+def _check_file(source: str) -> None:
+    """A file source must exist and hold a video stream (a VideoError, before any cluster work)."""
+    from padim_ray.video import _video_stream
+
+    if not Path(source).is_file():
+        raise SourceError(f"source {source} is neither a video file nor a URL ({', '.join(s.rstrip(':/') for s in URL_SCHEMES)})")
+    with _video_stream(source):
+        pass
 
 
 class Reader:
@@ -181,6 +191,8 @@ class Reader:
                 at = frame.time if frame.time is not None else time.time() - started
                 first_time = at if first_time is None else first_time
                 elapsed = at - first_time  # the stream's own clock, from this opening
+                if elapsed < next_time - 1.0:  # its clock went back (a live stream's timestamps restarted): follow it
+                    first_time, elapsed, next_time = at, 0.0, 0.0
                 if elapsed + 1e-6 < next_time:
                     continue  # sampled down to --fps
                 next_time = (int(elapsed * self.fps + 1e-6) + 1) / self.fps

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from padim_ray.config import ConfigError, ScoreConfig
+from padim_ray.config import ClusterConfig, ConfigError, ScoreConfig
 from padim_ray.decisions import Decision, DecisionOptions, resolve_decision
 from padim_ray.devices import actor_device
 from padim_ray.embedding import Embedder
 from padim_ray.events import Event, Notice, RegionTracker
 from padim_ray.readers import Reader, Sample, camera_names
-from padim_ray.runtime import ActorSpec, connect
+from padim_ray.runtime import ActorSpec, connect, start_actors
 from padim_ray.score import SCORE_REFUSAL, Scorer
 from padim_ray.stop_signals import deferred
 from padim_ray.store import open_model
@@ -100,19 +100,20 @@ def format_status(status: dict) -> str:
 @dataclass
 class WatchResult:
     out: Path
-    notices: list[dict]  # every notice emitted, as written
+    closed: int  # events closed (all cameras)
     cameras: dict[str, dict]  # name -> its last status
 
 
 class EventSink:
     """Notices as JSON lines on stdout and appended to OUT/events.jsonl, each flushed at once; snapshots at closes."""
 
-    def __init__(self, out: Path, decision: Decision, image_size: int, stdout=None):
-        self.out, self.decision, self.image_size = out, decision, image_size
+    def __init__(self, out: Path, decision: Decision, stdout=None):
+        self.out, self.decision = out, decision
+        self.run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # in snapshot names: event ids count from 0 in every run
         (out / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
         self.file = open(out / EVENTS_LOG, "a")
         self.stdout = stdout or sys.stdout
-        self.notices: list[dict] = []
+        self.closed = 0
 
     def emit(self, camera: Camera, notice: Notice, at: float) -> None:
         event = notice.event
@@ -126,7 +127,7 @@ class EventSink:
             for stream in (self.file, self.stdout):
                 stream.write(line)
                 stream.flush()
-            self.notices.append(record)
+            self.closed += notice.kind == "closed"
 
     def snapshot(self, name: str, event: Event, frame: np.ndarray, anomaly_map: np.ndarray) -> Path:
         """The peak frame with its heatmap (scaled to twice the threshold) and the event's box, as a JPEG."""
@@ -137,7 +138,7 @@ class EventSink:
         picture = overlay(frame, anomaly_map, 2 * self.decision.threshold.value)
         scale = (frame.shape[0] / anomaly_map.shape[0], frame.shape[1] / anomaly_map.shape[1])
         _draw_boxes(picture, event.peak_frame, Marks(self.decision.threshold.value, [event]), scale)
-        path = self.out / SNAPSHOTS / f"{name}_{event.event:04d}.jpg"
+        path = self.out / SNAPSHOTS / f"{name}_{self.run}_{event.event:04d}.jpg"
         Image.fromarray(picture).save(path, quality=90)
         return path
 
@@ -155,9 +156,8 @@ class RemoteScorer:
     def _start(self):
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         threads = 1 if gpus else max(1, (os.cpu_count() or 2) - 1)  # the readers decode on the driver
-        actor = LiveScorer.options(**ActorSpec(1.0, gpus, threads).options()).remote(self.model)
-        ray.get(actor.__ray_ready__.remote())
-        return actor
+        plan = [ActorSpec(1.0, gpus, threads)]
+        return start_actors(plan, lambda i, spec: LiveScorer.options(**spec.options()).remote(self.model), ClusterConfig(), "scoring")[0]
 
     def maps(self, frames: np.ndarray) -> np.ndarray | None:
         """(B, S, S) float32 maps at the model's input size; None when the actor was lost (and replaced)."""
@@ -195,13 +195,15 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
     decision = resolve_decision(store.attributes, options.decisions)
     if decision is None:
         raise ConfigError(f"watch needs a threshold: {NOT_CALIBRATED}")
+    if "://" in str(out):
+        raise ConfigError(f"watch writes --out to a local folder, got {out}")
     named = camera_names(list(sources))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = store.attributes.image_size
     log.info("watch: %d camera(s) at %g fps, threshold %.4g (%s) -> %s", len(named), options.fps, decision.threshold.value, decision.threshold.meaning, out)
     connect(address)
-    sink = EventSink(out, decision, size, stdout)
+    sink = EventSink(out, decision, stdout)
     scorer, cameras = None, []
     try:
         scorer = RemoteScorer(str(store.path), options.max_restarts)
@@ -220,7 +222,7 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
             scorer.close()
         for camera in cameras:
             log.info("watch: %s", format_status(camera.status()))
-    return WatchResult(out, sink.notices, {camera.name: camera.status() for camera in cameras})
+    return WatchResult(out, sink.closed, {camera.name: camera.status() for camera in cameras})
 
 
 def _loop(cameras: list[Camera], scorer: RemoteScorer, sink: EventSink, options: WatchOptions) -> None:
