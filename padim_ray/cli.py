@@ -258,6 +258,33 @@ def score(
 
 
 @app.command()
+def watch(
+    model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI).")],
+    sources: Annotated[list[str], typer.Argument(help="Cameras: rtsp://, http(s)://, udp:// URLs or video files, each optionally NAME=SOURCE.")],
+    out: Annotated[str, typer.Option(help="Folder for events.jsonl and snapshots/ (local).")],
+    fps: Annotated[float, typer.Option(help="Frames taken per second of each source.")] = 5.0,
+    threshold: Annotated[Optional[str], typer.Option(help=THRESHOLD_HELP, show_default="auto (the model must be calibrated)")] = None,
+    min_event: Annotated[float, typer.Option(help="Seconds an event lasts at least (shorter ones are dropped).")] = EventConfig.min_event,
+    event_gap: Annotated[float, typer.Option(help="Seconds below the off level that end an event (shorter gaps merge).")] = EventConfig.event_gap,
+    realtime: Annotated[bool, typer.Option(help="Replay video files at their own frame rate, as cameras (else as fast as they are scored).")] = False,
+    status_every: Annotated[float, typer.Option(help="Seconds between status lines (one per camera, on stderr).")] = 10.0,
+    address: Address = None,
+) -> None:
+    """Score live cameras until stopped (Ctrl-C, SIGTERM): events as JSON lines on stdout and in OUT/events.jsonl,
+    a heatmap snapshot of each event's peak in OUT/snapshots/. With only video files it ends when they end."""
+    from padim_ray.decisions import DecisionOptions
+    from padim_ray.watch import WatchOptions, watch as watch_sources
+
+    with _one_line_errors():
+        options = WatchOptions(
+            fps=fps, realtime=realtime, status_every=status_every,
+            decisions=DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap)),
+        )
+        result = watch_sources(model, sources, out, options, address)
+    typer.echo(f"watched {len(result.cameras)} camera(s): {result.closed} event(s) -> {result.out / 'events.jsonl'}", err=True)
+
+
+@app.command()
 @option_groups
 def evaluate(
     source: Annotated[Source, typer.Argument(help="stc: ShanghaiTech test clips and masks.")],

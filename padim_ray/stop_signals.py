@@ -9,10 +9,12 @@ import signal
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # what timeout, systemd, Kubernetes and `ray job stop` send
 STOP_GRACE = 30.0  # seconds a stopped command may spend cleaning up (Kubernetes' default grace before its SIGKILL)
-_STOP_SIGNALS = {"handle": False, "received": None, "stopping": False}  # handled (the CLI)? the stop signal; stopping?
+_STOP_SIGNALS = {"handle": False, "received": None, "stopping": False, "defer": 0, "pending": None}
+# handled (the CLI)? the stop signal; stopping? inside deferred() (depth)? the stop deferred there
 
 
 def handle_stop_signals() -> None:
@@ -41,7 +43,25 @@ def _raise_stopped(signum, frame) -> None:
     if stop != signal.SIGINT:
         _STOP_SIGNALS["received"] = stop  # Ray's blocking calls re-raise it as a plain KeyboardInterrupt
     threading.Thread(target=_exit_after_grace, args=(stop,), name="stop grace", daemon=True).start()
+    if _STOP_SIGNALS["defer"]:
+        _STOP_SIGNALS["pending"] = stop
+        return
     raise KeyboardInterrupt(stop.name)
+
+
+@contextmanager
+def deferred():
+    """A stop that arrives inside is raised (KeyboardInterrupt) as the block ends: for writes that must
+    not be cut in two, e.g. a line written to two places. A second stop still ends the process at once."""
+    _STOP_SIGNALS["defer"] += 1
+    try:
+        yield
+    finally:
+        _STOP_SIGNALS["defer"] -= 1
+    stop = _STOP_SIGNALS["pending"]
+    if stop is not None and not _STOP_SIGNALS["defer"]:
+        _STOP_SIGNALS["pending"] = None
+        raise KeyboardInterrupt(stop.name)
 
 
 def _exit_after_grace(stop: signal.Signals) -> None:
