@@ -275,7 +275,7 @@ def watch(
     from padim_ray.decisions import DecisionOptions
     from padim_ray.watch import WatchOptions, watch as watch_sources
 
-    with _one_line_errors():
+    with one_line_errors():
         options = WatchOptions(
             fps=fps, realtime=realtime, status_every=status_every,
             decisions=DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap)),
