@@ -168,3 +168,13 @@ def _record_inputs(units: list[WorkUnit], sequences: list[np.ndarray]) -> list[d
     return [
         {"path": Location(u.path).uri, "start": u.start, "stop": u.stop, "frames": len(s), "fps": float(u.fps)} for u, s in zip(units, sequences)
     ]
+
+
+def describe_calibration(calibration: dict) -> str:
+    """One line: how much footage a calibration scored, and its frame scores' median, 99th percentile and maximum."""
+    quantiles = calibration["quantiles"]
+    how = "held out of the fit" if calibration["held_out"] else "unseen by the model"
+    return (
+        f"calibration: {calibration['frames']} frames ({calibration['seconds']:.1f} s of footage in {len(calibration['inputs'])} part(s), {how}); "
+        f"frame scores: median {quantiles[50]:.4g}, 99th percentile {quantiles[99]:.4g}, max {quantiles[100]:.4g}"
+    )

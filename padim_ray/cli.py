@@ -112,7 +112,7 @@ def fit(
                 paths, out, model, cluster, overwrite=overwrite, address=address, checkpoint_dir=checkpoints.checkpoint_dir,
                 input_policy=input_policy, calibration=calibration,
             )
-    _echo_fit(result)
+    typer.echo("\n".join(result.summary()))
 
 
 def _fit_scenes(
@@ -150,30 +150,6 @@ def _exit_interrupted_scenes() -> None:
     os._exit(code)
 
 
-def _echo_fit(result) -> None:
-    recovered = f", recovered from {result.lost_actors} lost actors" if result.lost_actors else ""
-    warned = f", {result.warnings} warnings (logged above)" if result.warnings else ""
-    typer.echo(f"model: {result.out} ({result.frames} frames, {result.seconds:.1f} s{recovered}{warned})")
-    if result.skipped:
-        typer.echo(f"skipped {len(result.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
-        for skipped in result.skipped:
-            typer.echo(f"  {skipped['path']}: {skipped['reason']}")
-    if result.calibration:
-        typer.echo(_describe_calibration(result.calibration))
-    if result.calibration_note:
-        typer.echo(result.calibration_note)
-
-
-def _describe_calibration(calibration: dict) -> str:
-    """One line: how much footage a calibration scored, and its frame scores' median, 99th percentile and maximum."""
-    quantiles = calibration["quantiles"]
-    how = "held out of the fit" if calibration["held_out"] else "unseen by the model"
-    return (
-        f"calibration: {calibration['frames']} frames ({calibration['seconds']:.1f} s of footage in {len(calibration['inputs'])} part(s), {how}); "
-        f"frame scores: median {quantiles[50]:.4g}, 99th percentile {quantiles[99]:.4g}, max {quantiles[100]:.4g}"
-    )
-
-
 @app.command()
 @option_groups
 def calibrate(
@@ -187,11 +163,11 @@ def calibrate(
     Inputs the model was fitted on are removed from its statistics (exactly) before they are scored;
     the stored model keeps every frame: only its calibration is written.
     """
-    from padim_ray.calibrate import calibrate_model
+    from padim_ray.calibrate import calibrate_model, describe_calibration
 
     with one_line_errors():
         result = calibrate_model(model, inputs, cluster_options.config(), address)
-    typer.echo(f"{_describe_calibration(result.calibration)} -> {result.model} ({result.seconds:.1f} s)")
+    typer.echo(f"{describe_calibration(result.calibration)} -> {result.model} ({result.seconds:.1f} s)")
 
 
 @app.command()
@@ -217,7 +193,7 @@ def update(
             model, inputs, cluster, force=force, address=address, checkpoint_dir=checkpoints.checkpoint_dir, input_policy=InputPolicy(skip_bad_inputs),
             out=out, overwrite=overwrite,
         )
-    _echo_fit(result)
+    typer.echo("\n".join(result.summary()))
 
 
 @app.command()

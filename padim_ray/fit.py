@@ -15,7 +15,7 @@ import ray
 
 from padim_ray.accounting import Accounting, FrameAccountingError
 from padim_ray.accumulate import Accumulated, Partial, SharedJob, accumulate
-from padim_ray.calibrate import calibrate_fit, check_fraction
+from padim_ray.calibrate import calibrate_fit, check_fraction, describe_calibration
 from padim_ray.checkpoint import Checkpoints, default_checkpoint_dir
 from padim_ray.config import FORMAT_VERSION, ClusterConfig, ModelConfig
 from padim_ray.embedding import Embedder
@@ -105,6 +105,20 @@ class FitResult:
     warnings: int = 0  # failures survived on the way (each logged as it happened), e.g. checkpoint saves
     calibration: dict | None = None  # the model's calibration record (fit --calibration)
     calibration_note: str | None = None  # why a calibration asked for is missing
+
+    def summary(self) -> list[str]:
+        """What `fit` and `update` print when done."""
+        recovered = f", recovered from {self.lost_actors} lost actors" if self.lost_actors else ""
+        warned = f", {self.warnings} warnings (logged above)" if self.warnings else ""
+        lines = [f"model: {self.out} ({self.frames} frames, {self.seconds:.1f} s{recovered}{warned})"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} input(s) that cannot be decoded (listed in the model's skipped_inputs):")
+            lines += [f"  {skipped['path']}: {skipped['reason']}" for skipped in self.skipped]
+        if self.calibration:
+            lines.append(describe_calibration(self.calibration))
+        if self.calibration_note:
+            lines.append(self.calibration_note)
+        return lines
 
 
 @dataclass(frozen=True)
