@@ -181,6 +181,19 @@ def test_fit_records_the_scores_of_its_slice_by_the_model_without_it(models, foo
     assert calibration["quantiles"][50] == np.median(recorded)
 
 
+@pytest.mark.slow
+def test_fit_videos_calibrates_on_the_end_of_each_video(ray_local, stc_root, tmp_path):
+    """Two inputs are too few for whole units: the fit holds out the last round(0.1 * 30) = 3 frames of each video."""
+    videos = scene_videos(stc_root, "01")
+    result = run("fit", "videos", *videos, "--out", tmp_path / "m", *SMALL_FIT, "--calibration", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "calibration: 6 frames (0.2 s of footage in 2 part(s), held out of the fit)" in result.output
+    model = open_model(tmp_path / "m").attributes
+    assert model.frames == 60 and model.calibration["held_out"] is True
+    assert [(e["path"], e["start"], e["stop"], e["frames"]) for e in model.calibration["inputs"]] == [(v.uri, 27, None, 3) for v in videos]
+    assert [len(s) for s in model.calibration["sequences"]] == [3, 3] and min(min(s) for s in model.calibration["sequences"]) > 0
+
+
 def _array_bytes(model: Path) -> dict[str, bytes]:
     """Every file of a model store but its root metadata (the attributes)."""
     return {str(p.relative_to(model)): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file() and p != model / "zarr.json"}
