@@ -1,6 +1,6 @@
 """`padim-ray watch`: score live cameras (or files replayed as cameras) until stopped, and emit events as they happen.
 
-This first step (issue 20) runs in one driver process:
+This first step runs in one driver process:
 - one reader thread per source (readers.py) decodes, samples to --fps and keeps the newest frames;
 - one Ray actor holds the model's Scorer (on a GPU when the cluster has one) and scores batches mixed
   from all cameras; a lost actor is replaced (its batch is counted as dropped);
