@@ -39,10 +39,12 @@ import runrecord  # noqa: E402
 
 from padim_ray.config import ModelConfig, ScoreConfig  # noqa: E402
 from padim_ray.embedding import Embedder  # noqa: E402
+from padim_ray.events import RegionTracker, frame_events, map_events  # noqa: E402
 from padim_ray.gaussian import GaussianStats, StatsAccumulator, finalize, mahalanobis, merge_stats  # noqa: E402
 from padim_ray.maps import anomaly_maps, gaussian_kernel  # noqa: E402
 from padim_ray.metrics import frame_auroc  # noqa: E402
 from padim_ray.synthetic import _Mover  # noqa: E402
+from padim_ray.thresholds import EventConfig, threshold_for_rate  # noqa: E402
 from padim_ray.video import VideoError, WorkUnit, iter_unit_frames  # noqa: E402
 
 MODELS = {
@@ -59,6 +61,8 @@ PEAK_MARGIN = 8  # map pixels: a peak this close to an event's region counts as 
 BINS = 100_000  # pixel AUROC histograms
 BLOCK = 10  # frames per block of the bootstrap of AUROC differences
 RESAMPLES = 1000
+BUDGET_PER_HOUR = 1.0  # region events: the threshold of the false-alarm budget 1/h on the calibration frame scores
+EVENT_QUANTILE = 0.999  # region events: also raw thresholds at this quantile of the calibration frame scores and pixels
 
 
 # --- footage, injected objects, labels -------------------------------------------------------------
@@ -96,6 +100,7 @@ class Footage:
     map_scale: int  # maps at native size // map_scale
     injected: tuple[Injected, ...]
     natural: dict[str, dict[int, tuple[int, int, int, int]]]  # track -> keyframe -> box (y0, x0, y1, x1), native px
+    fps: float = 10.0  # frames per second of the decoded frames, for the events' durations
     box_margin: int = 0  # native px added around natural boxes
     keyframe_scale: int = 1  # the natural boxes are given at native size // keyframe_scale
 
@@ -108,7 +113,7 @@ class Footage:
 # 0-499 and called 500-599 normal) so that frames 400-502 give the test its normal frames. Boxes were
 # read off frames with a 25-px grid at half size (384x288) and are stored at half size (doubled below).
 VTEST = Footage(
-    name="vtest", fit_stop=400, folds=4, test_start=400, map_scale=2, box_margin=8, keyframe_scale=2,
+    name="vtest", fps=10.0, fit_stop=400, folds=4, test_start=400, map_scale=2, box_margin=8, keyframe_scale=2,
     injected=(
         Injected("cart along the path", 420, 30, dict(y=225, x=-80, vy=5.8, vx=29, ry=28, rx=45)),
         Injected("ball thrown over the lawn", 465, 16, dict(y=500, x=200, vy=-20, vx=10, ry=12, rx=12, gravity=2.5)),
@@ -141,7 +146,8 @@ VTEST = Footage(
 # repeat the previous picture: PyAV, and so the package, decodes 68). A fixed camera on a tree; a hand
 # enters from the top right at frame 53 and stays to the end (67). Boxes cover hand and arm.
 TREE = Footage(
-    name="tree", fit_stop=32, folds=4, test_start=32, map_scale=1, box_margin=4,
+    name="tree", fps=68 * 15 / 444, fit_stop=32,  # fps: 68 coded frames over the 444 / 15 s the header declares
+    folds=4, test_start=32, map_scale=1, box_margin=4,
     injected=(
         Injected("thrown ball", 36, 8, dict(y=200, x=30, vy=-28, vx=35, ry=8, rx=8, gravity=7.0)),
         Injected("object crossing", 57, 8, dict(y=170, x=-20, vy=0.0, vx=45, ry=10, rx=18)),
@@ -156,11 +162,14 @@ TREE = Footage(
 )
 
 
-def natural_boxes(footage: Footage) -> dict[int, list[tuple[int, int, int, int]]]:
-    """Frame -> boxes (native px, margin added), linearly interpolated between each track's keyframes."""
+def natural_boxes(footage: Footage, tracks: tuple[str, ...] | None = None) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Frame -> boxes (native px, margin added), linearly interpolated between each track's keyframes
+    (every track, or those named in `tracks`)."""
     scale = footage.keyframe_scale
     out: dict[int, list] = {}
-    for keys in footage.natural.values():
+    for name, keys in footage.natural.items():
+        if tracks is not None and name not in tracks:
+            continue
         frames = sorted(keys)
         for a, b in zip(frames, frames[1:] + [frames[-1] + 1]):
             for t in range(a, b):
@@ -201,6 +210,7 @@ class TestSet:
     natural: np.ndarray  # (T_test, h, w) bool
     decode_note: str
     events: list[dict] = field(default_factory=list)
+    object_masks: list[dict[int, np.ndarray]] = field(default_factory=list)  # per injected object: frame -> mask at map size
 
 
 def prepare(footage: Footage, path: Path, seed: int) -> TestSet:
@@ -210,11 +220,12 @@ def prepare(footage: Footage, path: Path, seed: int) -> TestSet:
     test = range(footage.test_start, len(frames))
     injected = np.zeros((len(test), *size), bool)
     natural = np.zeros((len(test), *size), bool)
-    events = []
+    events, object_masks = [], []
     for event in footage.injected:
         drawn = event.masks(height, width, seed)
         visible = [t for t, (mask, _) in drawn.items() if mask.any() and t in test]
         events.append({"name": event.name, "first": min(visible), "last": max(visible), "frames": len(visible)})
+        object_masks.append({t: downsample(mask, footage.map_scale) for t, (mask, _) in drawn.items() if t in visible})
         for t, (mask, colour) in drawn.items():
             if t in test:
                 frames[t] = frames[t].copy()
@@ -224,7 +235,7 @@ def prepare(footage: Footage, path: Path, seed: int) -> TestSet:
         for y0, x0, y1, x1 in boxes:
             s = footage.map_scale
             natural[t - footage.test_start, max(y0 // s, 0) : y1 // s, max(x0 // s, 0) : x1 // s] = True
-    return TestSet(frames, injected, natural, note, events)
+    return TestSet(frames, injected, natural, note, events, object_masks)
 
 
 # --- the model: k-fold calibration and test maps ---------------------------------------------------
@@ -399,13 +410,126 @@ def peak_on_event(maps: torch.Tensor, regions: np.ndarray) -> float:
     return hits / len(frames)
 
 
+# --- region events (issue 19, point 5) ------------------------------------------------------------
+
+
+def boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Do two half-open boxes (y0, x0, y1, x1) share a pixel?"""
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def tracked_events(test_maps: torch.Tensor, first: int, fps: float, threshold: float, config: EventConfig) -> tuple[list, dict]:
+    """events.map_events' loop, also keeping each event's region box at every frame it had one: (events, id -> [(frame, box)])."""
+    tracker = RegionTracker(fps, threshold, config)
+    history: dict = {}
+    closed = []
+    for i, anomaly_map in enumerate(test_maps.numpy()):
+        closed += [notice.event for notice in tracker.step(first + i, anomaly_map) if notice.kind == "closed"]
+        for track in tracker.tracks:
+            if track.last == first + i:  # matched (or started) at this frame: its box is this frame's region's
+                history.setdefault(track, []).append((first + i, track.box))
+    closed += [notice.event for notice in tracker.finish()]
+    return sorted(closed, key=lambda event: event.event), {track.event: boxes for track, boxes in history.items() if track.event is not None}
+
+
+def region_events(footage: Footage, data: TestSet, maps: Maps) -> dict:
+    """Region events (events.map_events) and frame events (thresholds.frame_events on `raw max`) on the test
+    maps, at thresholds set on the calibration: the budget 1/h (threshold_for_rate on the held-out slices'
+    frame scores, one sequence per slice) and the EVENT_QUANTILE of the calibration frame scores and pixels.
+    Each event is matched to the injected objects (its box at a frame of the object meets the object's mask)
+    and to the natural events (its box meets the track's box at the same frame); an event meeting none is false."""
+    config = EventConfig()
+    first, frames = footage.test_start, len(data.injected)
+    scale = footage.map_scale
+    tracks = {
+        name: {t: [(max(y0 // scale, 0), max(x0 // scale, 0), y1 // scale, x1 // scale) for y0, x0, y1, x1 in boxes]
+               for t, boxes in natural_boxes(footage, (name,)).items()}
+        for name in footage.natural
+    }
+    natural_any = {t for boxes in tracks.values() for t in boxes}
+    injected_any = {t for masks in data.object_masks for t in masks}
+    clean_hours = sum(1 for t in range(first, first + frames) if t not in natural_any | injected_any) / footage.fps / 3600
+    test_hours = frames / footage.fps / 3600
+    calibration_scores = maps.calibration.flatten(1).max(dim=1).values.numpy()
+    edges = np.linspace(0, footage.fit_stop, footage.folds + 1).round().astype(int)
+    sequences = [calibration_scores[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+    thresholds = {
+        "budget 1/h": (threshold_for_rate(sequences, [footage.fps] * len(sequences), BUDGET_PER_HOUR, config),
+                       f"threshold_for_rate, {BUDGET_PER_HOUR:g} false event per hour, on {len(calibration_scores)} held-out calibration "
+                       f"frame scores ({len(calibration_scores) / footage.fps:.0f} s, {len(sequences)} sequences)"),
+        f"frame scores q{EVENT_QUANTILE * 100:g}": (float(np.quantile(calibration_scores, EVENT_QUANTILE)),
+                                                   f"the {EVENT_QUANTILE:.1%} quantile of the calibration frame scores (raw max)"),
+        f"pixels q{EVENT_QUANTILE * 100:g}": (quantile(maps.calibration, EVENT_QUANTILE),
+                                             f"the {EVENT_QUANTILE:.1%} quantile of the calibration maps' pixels"),
+    }
+    test_max = maps.test.flatten(1).max(dim=1).values.numpy()
+    out = {"fps": footage.fps, "event_config": config.__dict__, "clean_seconds": clean_hours * 3600, "test_seconds": test_hours * 3600}
+    for label, (threshold, meaning) in thresholds.items():
+        events, history = tracked_events(maps.test, first, footage.fps, threshold, config)
+        reference = map_events(((first + i, m) for i, m in enumerate(maps.test.numpy())), footage.fps, threshold, config)
+        assert events == reference, "tracked_events differs from events.map_events"
+        listed = []
+        for event in events:
+            boxes = history[event.event]
+            objects = [k for k, masks in enumerate(data.object_masks)
+                       if any(t in masks and masks[t][box[0]:box[2], box[1]:box[3]].any() for t, box in boxes)]
+            own = [k for k, masks in enumerate(data.object_masks)
+                   if any(t in masks and masks[t][box[0]:box[2], box[1]:box[3]].any()
+                          and not any(boxes_meet(box, b) for track in tracks.values() for b in track.get(t, ())) for t, box in boxes)]
+            natural = [name for name, track in tracks.items() if any(boxes_meet(box, b) for t, box in boxes for b in track.get(t, ()))]
+            listed.append({"event": event.event, "start": event.start_frame, "end": event.end_frame, "peak_frame": event.peak_frame,
+                           "peak_score": float(f"{event.peak_score:.5g}"), "peak_box": [event.box_y0, event.box_x0, event.box_y1, event.box_x1],
+                           "frames_with_region": len(boxes), "objects": objects, "own_objects": own, "natural": natural,
+                           "false": not objects and not natural})
+        spans = frame_events(test_max, footage.fps, threshold, config)
+        spans_listed = []
+        for span in spans:
+            covered = set(range(span.start + first, span.end + first + 1))
+            spans_listed.append({"start": span.start + first, "end": span.end + first, "peak_score": float(f"{span.peak_score:.5g}"),
+                                 "objects": [k for k, masks in enumerate(data.object_masks) if covered & set(masks)],
+                                 "natural": [name for name, track in tracks.items() if covered & set(track)],
+                                 "false": not covered & (natural_any | injected_any)})
+        false_regions = sum(e["false"] for e in listed)
+        false_spans = sum(e["false"] for e in spans_listed)
+        out[label] = {
+            "threshold": threshold, "meaning": meaning,
+            "region": {
+                "events": len(listed), "false_events": false_regions,
+                "false_per_hour_of_clean_test": false_regions / clean_hours if clean_hours else None,
+                "false_per_hour_of_test": false_regions / test_hours,
+                "objects": [{"name": info["name"], "hit": any(k in e["objects"] for e in listed), "own_event": any(k in e["own_objects"] for e in listed),
+                             "events": [e["event"] for e in listed if k in e["objects"]]} for k, info in enumerate(data.events)],
+                "natural": {name: {"hit": any(name in e["natural"] for e in listed), "events": [e["event"] for e in listed if name in e["natural"]]}
+                            for name in tracks},
+                "list": listed,
+            },
+            "frame": {
+                "events": len(spans_listed), "false_events": false_spans,
+                "false_per_hour_of_clean_test": false_spans / clean_hours if clean_hours else None,
+                "false_per_hour_of_test": false_spans / test_hours,
+                "objects": [{"name": info["name"], "hit": any(k in e["objects"] for e in spans_listed)} for k, info in enumerate(data.events)],
+                "natural": {name: {"hit": any(name in e["natural"] for e in spans_listed)} for name in tracks},
+                "list": spans_listed,
+            },
+        }
+    return out
+
+
 # --- one run ---------------------------------------------------------------------------------------
 
 
-def study(footage: Footage, path: Path, model: str, seed: int) -> dict:
+def study(footage: Footage, path: Path, model: str, seed: int, regions_only: bool = False) -> dict:
     started = time.monotonic()
     data = prepare(footage, path, seed)
     maps = model_maps(footage, data, MODELS[model])
+    region_started = time.monotonic()
+    regions = region_events(footage, data, maps)
+    maps.seconds["region_events"] = time.monotonic() - region_started
+    if regions_only:
+        return {"footage": footage.name, "model": model, "model_config": MODELS[model].to_dict(), "frames_decoded": len(data.frames),
+                "fit_frames": [0, footage.fit_stop], "test_frames": [footage.test_start, len(data.frames)],
+                "map_size": list(data.injected.shape[1:]), "injected_events": data.events, "regions": regions,
+                "seconds": {**maps.seconds, "total": time.monotonic() - started}}
     kinds = map_kinds(maps, data)
     scores = frame_scores(kinds)
     injected = data.injected.reshape(len(data.injected), -1).any(axis=1)
@@ -458,6 +582,7 @@ def study(footage: Footage, path: Path, model: str, seed: int) -> dict:
         "test_raw_max": {"min": float(scores["raw max"].min()), "max": float(scores["raw max"].max())},
         "frame_auroc": frame,
         "pixel": pixel,
+        "regions": regions,
         "per_frame": {
             "frame": list(range(footage.test_start, len(data.frames))),
             "injected": injected.tolist(),
@@ -524,6 +649,51 @@ def markdown_tables(rows: list[dict], verdicts: dict) -> str:
     return "\n".join(lines)
 
 
+def region_tables(rows: list[dict]) -> str:
+    """The doc's region-event tables: a summary per footage, model and threshold, then each injected and natural event."""
+    lines = ["", "Region events (events.map_events) and frame events (thresholds.frame_events on raw max), test frames", "",
+             "| footage, model | threshold | region events | injected objects hit (own event) | natural events hit | false region events (per h of clean test) "
+             "| frame events | injected objects in a frame event | natural events in a frame event | false frame events (per h of clean test) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def rate(part: dict) -> str:
+        per_hour = part["false_per_hour_of_clean_test"]
+        return f"{part['false_events']} ({per_hour:,.0f})" if per_hour is not None else str(part["false_events"])
+
+    labels = [key for key, value in rows[0]["regions"].items() if isinstance(value, dict) and "region" in value]
+    for row in rows:
+        for label in labels:
+            entry = row["regions"][label]
+            region, frame = entry["region"], entry["frame"]
+            n = len(region["objects"])
+            lines.append(
+                f"| {row['footage']}, {row['model']} | {label}: {entry['threshold']:.4g} | {region['events']} "
+                f"| {sum(o['hit'] for o in region['objects'])}/{n} ({sum(o['own_event'] for o in region['objects'])}/{n}) "
+                f"| {sum(v['hit'] for v in region['natural'].values())}/{len(region['natural'])} | {rate(region)} | {frame['events']} "
+                f"| {sum(o['hit'] for o in frame['objects'])}/{n} | {sum(v['hit'] for v in frame['natural'].values())}/{len(frame['natural'])} "
+                f"| {rate(frame)} |")
+    lines += ["", "Each event: region events `own` (an event whose box meets the object where it meets no natural box), `hit` (only events "
+              "that also cover a natural event), `-` (none), with the number of region events that meet it; frame events `f` (a frame "
+              "event covers some of its frames)", ""]
+    columns = [(row, label) for row in rows for label in labels]
+    for footage in dict.fromkeys(row["footage"] for row in rows):
+        own = [(row, label) for row, label in columns if row["footage"] == footage]
+        lines += ["| " + footage + " | " + " | ".join(f"{row['model']}, {label}" for row, label in own) + " |", "|---|" + "---|" * len(own)]
+        for k, info in enumerate(own[0][0]["injected_events"]):
+            cells = []
+            for row, label in own:
+                region, frame = row["regions"][label]["region"]["objects"][k], row["regions"][label]["frame"]["objects"][k]
+                count = f" ({len(region['events'])})" if region["events"] else ""
+                cells.append(("own" if region["own_event"] else "hit" if region["hit"] else "-") + count + (" f" if frame["hit"] else ""))
+            lines.append(f"| {info['name']}, {info['first']}-{info['last']} | " + " | ".join(cells) + " |")
+        for name in own[0][0]["regions"][labels[0]]["region"]["natural"]:
+            cells = [("hit" if row["regions"][label]["region"]["natural"][name]["hit"] else "-")
+                     + (" f" if row["regions"][label]["frame"]["natural"][name]["hit"] else "") for row, label in own]
+            lines.append(f"| natural: {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vtest", type=Path, default=runrecord.REPO / "data" / "vtest.avi", help="OpenCV's vtest.avi (scripts/fetch_vtest.sh)")
@@ -533,10 +703,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="default: runs/bench/frame_scores/<time>-<commit>.json")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the markdown tables of a saved run and stop")
+    parser.add_argument("--regions-only", action="store_true", help="only the maps and the region / frame events (no frame-score comparison)")
     args = parser.parse_args()
     if args.tables:
         saved = json.loads(args.tables.read_text())
-        print(markdown_tables(saved["rows"], saved["verdicts"]))
+        if "frame_auroc" in saved["rows"][0]:
+            print(markdown_tables(saved["rows"], saved["verdicts"]))
+        if "regions" in saved["rows"][0]:
+            print(region_tables(saved["rows"]))
         return
     if args.tree is None:
         parser.error("--tree is required to run the study")
@@ -545,12 +719,13 @@ def main() -> None:
     rows = []
     for footage, path in ((VTEST, args.vtest), (TREE, args.tree)):
         for model in args.models:
-            row = study(footage, path, model, args.seed)
-            print(f"{footage.name} {model}: {row['counts']}, {row['seconds']['total']:.0f} s, raw max AUROC "
-                  f"{row['frame_auroc']['raw max']}", flush=True)
+            row = study(footage, path, model, args.seed, args.regions_only)
+            print(f"{footage.name} {model}: {row['seconds']['total']:.0f} s", flush=True)
             rows.append(row)
-    verdicts = verdict(rows)
-    print(markdown_tables(rows, verdicts))
+    verdicts = None if args.regions_only else verdict(rows)
+    if not args.regions_only:
+        print(markdown_tables(rows, verdicts))
+    print(region_tables(rows))
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     result = runrecord.record(
         "frame_scores", rows, verdicts=verdicts, seed=args.seed, wall_seconds=time.monotonic() - started,
@@ -558,6 +733,7 @@ def main() -> None:
         settings={
             "sd_floor": SD_FLOOR, "top_fractions": TOP_FRACTIONS, "area_quantiles": AREA_QUANTILES, "moving_average": MOVING_AVERAGE,
             "gaussian_sigma": GAUSSIAN_SIGMA, "peak_margin": PEAK_MARGIN, "score": ScoreConfig().__dict__,
+            "budget_per_hour": BUDGET_PER_HOUR, "event_quantile": EVENT_QUANTILE, "regions_only": args.regions_only,
         },
     )
     path = args.json or runrecord.default_path("frame_scores")
