@@ -1,4 +1,4 @@
-"""Frame-level scores on real footage, measured (issue 19, point 6): what should one frame's score be?
+"""Frame-level scores on real footage, measured: what should one frame's score be?
 
 For each footage and backbone: fit PaDiM on the first normal frames, score the held-out fit footage
 for calibration (k-fold: each time slice by the model fitted without it, statistics merged with
@@ -109,7 +109,7 @@ class Footage:
 # crosses it from the bottom right; the man reaches the path near the tripod at ~606, the woman walks on
 # across the lawn to the path at the left (~742). From ~730 a man walks to the car parked at the top right
 # and opens its boot; from ~758 another steps off the path onto the lawn's edge near the tripod. After
-# frame 502 there is thus no normal frame left: the fit ends at 400 (the issue's experiment fitted
+# frame 502 there is thus no normal frame left: the fit ends at 400 (an earlier experiment fitted
 # 0-499 and called 500-599 normal) so that frames 400-502 give the test its normal frames. Boxes were
 # read off frames with a 25-px grid at half size (384x288) and are stored at half size (doubled below).
 VTEST = Footage(
@@ -410,7 +410,7 @@ def peak_on_event(maps: torch.Tensor, regions: np.ndarray) -> float:
     return hits / len(frames)
 
 
-# --- region events (issue 19, point 5) ------------------------------------------------------------
+# --- region events (events.map_events) --------------------------------------------------------------
 
 
 def boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
