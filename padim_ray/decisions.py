@@ -9,7 +9,6 @@ event settings are recorded in events.parquet's metadata, so evaluate and render
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +18,7 @@ import numpy as np
 from padim_ray.events import Event, map_events
 from padim_ray.files import Location
 from padim_ray.store import ModelAttributes
-from padim_ray.map_store import EVENTS_FILE
+from padim_ray.map_store import EVENTS_FILE, read_parquet, write_parquet
 from padim_ray.thresholds import EventConfig, Threshold, calibrated_quantile, parse_threshold, resolve_threshold
 
 log = logging.getLogger(__name__)
@@ -90,14 +89,10 @@ EVENT_COLUMNS = ("input",) + tuple(f.name for f in fields(Event))
 def write_events(where: Location, events: dict[str, list[Event]], decision: Decision) -> None:
     """events.parquet in the map store folder `where`: one row per event of every input."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = [{"input": name, **asdict(event)} for name, found in events.items() for event in found]
     table = pa.Table.from_pylist(rows, schema=_events_schema()) if rows else _events_schema().empty_table()
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(decision.to_json()).encode()})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    (where / EVENTS_FILE).write_bytes(buffer.getvalue())
+    write_parquet(where / EVENTS_FILE, table.replace_schema_metadata({METADATA_KEY: json.dumps(decision.to_json()).encode()}))
 
 
 def _events_schema():
@@ -111,12 +106,10 @@ def _events_schema():
 
 def read_events(path: Location | str):
     """(events as a pandas table, the decision's JSON) of a map store, or None if it holds no events.parquet."""
-    import pyarrow.parquet as pq
-
     file = Location(path) / EVENTS_FILE
     if not file.is_file():
         return None
-    table = pq.read_table(io.BytesIO(file.read_bytes()))
+    table = read_parquet(file)
     return table.to_pandas(), json.loads(table.schema.metadata[METADATA_KEY])
 
 

@@ -182,11 +182,24 @@ def trim_map_arrays(root: Location, frames: dict[str, int]) -> None:
 def write_scores(where: Location, table: dict[str, list]) -> None:
     """The per-frame results as `scores.parquet` in the map store folder `where` (one write)."""
     import pyarrow as pa
+
+    write_parquet(where / SCORES_FILE, pa.table(table))
+
+
+def write_parquet(file: Location, table) -> None:
+    """A pyarrow table as a Parquet file, local or on object storage, in one write."""
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(pa.table(table), buffer)
-    (where / SCORES_FILE).write_bytes(buffer.getvalue())
+    pq.write_table(table, buffer)
+    file.write_bytes(buffer.getvalue())
+
+
+def read_parquet(file: Location):
+    """A Parquet file (local or on object storage) as a pyarrow table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(file.read_bytes()))
 
 
 def open_maps(path: Location | str | os.PathLike) -> zarr.Group:
@@ -204,6 +217,4 @@ def open_maps(path: Location | str | os.PathLike) -> zarr.Group:
 
 def read_scores(path: Location | str | os.PathLike):
     """The per-frame table (pandas) of a map store."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO((Location(path) / SCORES_FILE).read_bytes())).to_pandas()
+    return read_parquet(Location(path) / SCORES_FILE).to_pandas()

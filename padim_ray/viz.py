@@ -119,7 +119,7 @@ def overlay(frame: np.ndarray, anomaly_map: np.ndarray, upper: float) -> np.ndar
     return (frame * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 
-def _draw_boxes(picture: np.ndarray, t: int, marks: Marks, scale: tuple[float, float]) -> None:
+def draw_boxes(picture: np.ndarray, t: int, marks: Marks, scale: tuple[float, float]) -> None:
     """Outline (in place) the peak box of every event under way at frame `t`, boxes scaled from map to frame pixels."""
     height, width = picture.shape[:2]
     for event in marks.events:
@@ -157,7 +157,7 @@ def render_video(frames, maps, scores: np.ndarray, out: Path, fps: int = 24, lab
                 stream = container.add_stream("libx264", rate=fps, options={"crf": "23"})  # plays in browsers
                 stream.width, stream.height, stream.pix_fmt = width, height + strip_height, "yuv420p"
             picture = np.concatenate([overlay(frame[:height, :width], block[t % block_frames], upper), strip], axis=0)
-            _draw_boxes(picture[:height], t, marks, scale)
+            draw_boxes(picture[:height], t, marks, scale)
             cursor = int(round(t / max(1, len(scores) - 1) * (width - 1)))
             picture[height:, max(0, cursor - 1) : cursor + 2] = (255, 220, 0)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))

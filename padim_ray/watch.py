@@ -133,12 +133,12 @@ class EventSink:
         """The peak frame with the heatmap of its regions over the off level (from there up to the peak) and the event's box, as a JPEG."""
         from PIL import Image
 
-        from padim_ray.viz import Marks, _draw_boxes, overlay
+        from padim_ray.viz import Marks, draw_boxes, overlay
 
         off = self.decision.events.hysteresis * self.decision.threshold.value
         picture = overlay(frame, np.maximum(anomaly_map - off, 0), max(event.peak_score - off, 1e-6))
         scale = (frame.shape[0] / anomaly_map.shape[0], frame.shape[1] / anomaly_map.shape[1])
-        _draw_boxes(picture, event.peak_frame, Marks(self.decision.threshold.value, [event]), scale)
+        draw_boxes(picture, event.peak_frame, Marks(self.decision.threshold.value, [event]), scale)
         path = self.out / SNAPSHOTS / f"{name}_{self.run}_{event.event:04d}.jpg"
         Image.fromarray(picture).save(path, quality=90)
         return path

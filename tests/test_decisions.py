@@ -12,7 +12,7 @@ from padim_ray.decisions import read_events
 from padim_ray.events import map_events
 from padim_ray.thresholds import EventConfig
 from padim_ray.map_store import open_maps, read_scores
-from padim_ray.viz import Marks, _draw_boxes
+from padim_ray.viz import Marks, draw_boxes
 from helpers import SMALL_CLUSTER_OPTIONS, assert_clean_failure, run, start_local_ray
 
 SCORE = ["--map-dtype", "float32", *SMALL_CLUSTER_OPTIONS, "--batch-size", "5"]
@@ -72,12 +72,12 @@ def test_event_boxes_are_outlined_while_the_event_lasts():
     event = type("Row", (), dict(start_frame=2, end_frame=4, box_y0=2, box_x0=3, box_y1=6, box_x1=9))  # map pixels, half-open
     marks = Marks(1.0, [event])
     picture = np.zeros((20, 40, 3), dtype=np.uint8)
-    _draw_boxes(picture, 3, marks, scale=(2.0, 2.0))  # the frame is twice the map's size
+    draw_boxes(picture, 3, marks, scale=(2.0, 2.0))  # the frame is twice the map's size
     drawn = picture.any(axis=2)
     assert drawn[4, 6:17].all() and drawn[10, 6:17].all() and drawn[4:11, 6].all() and drawn[4:11, 16].all()
     assert drawn.sum() == 2 * 11 + 2 * 5  # the outline only
     untouched = np.zeros_like(picture)
-    _draw_boxes(untouched, 5, marks, scale=(2.0, 2.0))
+    draw_boxes(untouched, 5, marks, scale=(2.0, 2.0))
     assert not untouched.any()
 
 
