@@ -52,9 +52,28 @@ class _Mover:
         self.vy += self.gravity
 
     def mask(self, height: int, width: int) -> np.ndarray:
-        ys = (np.arange(height) - self.y)[:, None] / self.ry
-        xs = (np.arange(width) - self.x)[None, :] / self.rx
-        return ys**2 + xs**2 <= 1.0
+        """The ellipse's pixels (H, W) bool."""
+        mask = np.zeros((height, width), dtype=bool)
+        window, inside = self._window(height, width)
+        mask[window] = inside
+        return mask
+
+    def paint(self, image: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Fill the ellipse in `image` (H, W, 3) with the colour, and set it in `mask` (H, W) if given:
+        as `image[self.mask(h, w)] = color`, computed only in the ellipse's bounding box."""
+        window, inside = self._window(*image.shape[:2])
+        image[window][inside] = self.color
+        if mask is not None:
+            mask[window][inside] = 1
+
+    def _window(self, height: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The ellipse's bounding box within the frame, and which of its pixels are inside."""
+        y0, y1 = max(0, int(np.floor(self.y - self.ry))), min(height, int(np.ceil(self.y + self.ry)) + 1)
+        x0, x1 = max(0, int(np.floor(self.x - self.rx))), min(width, int(np.ceil(self.x + self.rx)) + 1)
+        y0, x0 = min(y0, y1), min(x0, x1)
+        ys = (np.arange(y0, y1) - self.y)[:, None] / self.ry
+        xs = (np.arange(x0, x1) - self.x)[None, :] / self.rx
+        return (slice(y0, y1), slice(x0, x1)), ys**2 + xs**2 <= 1.0
 
 
 def _background(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
@@ -123,24 +142,24 @@ class _Scene:
     def __init__(self, spec: SyntheticSpec, rng: np.random.Generator, background: np.ndarray):
         self.spec, self.rng, self.background = spec, rng, background
         self.walkers = [_walker(spec, rng) for _ in range(spec.walkers)]
+        self.canvas = np.empty_like(background)  # each frame is drawn here: a fresh 10 MB array per frame cost more than drawing it
 
     def frame(self, anomalies: list[_Mover] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The next frame (H, W, 3) uint8 and its anomaly mask (H, W) uint8."""
         h, w = self.spec.height, self.spec.width
-        image = self.background.copy()
+        image = self.canvas
+        np.copyto(image, self.background)
         for walker in self.walkers:
-            image[walker.mask(h, w)] = walker.color
+            walker.paint(image)
             walker.step()
             if not -0.05 * w < walker.x < 1.05 * w:
                 walker.x = 1.04 * w if walker.vx < 0 else -0.04 * w
         mask = np.zeros((h, w), dtype=np.uint8)
         for anomaly in anomalies:
-            covered = anomaly.mask(h, w)
-            image[covered] = anomaly.color
-            mask[covered] = 1
+            anomaly.paint(image, mask)
             anomaly.step()
         image += self.rng.normal(0, 2.0, size=(h, w, 1))
-        return np.clip(image, 0, 255).astype(np.uint8), mask
+        return np.clip(image, 0, 255, out=image).astype(np.uint8), mask
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from PIL import Image
 
 from padim_ray.config import ClusterConfig, ConfigError, ScoreConfig
 from padim_ray.decisions import Decision, DecisionOptions, resolve_decision
@@ -39,6 +40,7 @@ from padim_ray.score import SCORE_REFUSAL, Scorer
 from padim_ray.stop_signals import deferred
 from padim_ray.store import open_model
 from padim_ray.thresholds import NOT_CALIBRATED
+from padim_ray.viz import Marks, draw_boxes, overlay  # imported before a stop needs a snapshot: matplotlib takes seconds to load
 
 log = logging.getLogger(__name__)
 EVENTS_LOG = "events.jsonl"
@@ -131,10 +133,6 @@ class EventSink:
 
     def snapshot(self, name: str, event: Event, frame: np.ndarray, anomaly_map: np.ndarray) -> Path:
         """The peak frame with the heatmap of its regions over the off level (from there up to the peak) and the event's box, as a JPEG."""
-        from PIL import Image
-
-        from padim_ray.viz import Marks, draw_boxes, overlay
-
         off = self.decision.events.hysteresis * self.decision.threshold.value
         picture = overlay(frame, np.maximum(anomaly_map - off, 0), max(event.peak_score - off, 1e-6))
         scale = (frame.shape[0] / anomaly_map.shape[0], frame.shape[1] / anomaly_map.shape[1])

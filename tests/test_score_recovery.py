@@ -72,26 +72,27 @@ def assert_equal_maps(out: Path, reference: Path) -> None:
 
 class ScoreActorKiller(threading.Thread):
     """Kills (`ray.kill`) a scoring actor that has scored a batch, and so written its first chunk;
-    the actors hold after their first batch (holding.HeldScorer) until this has acted."""
+    the actors hold after their first batch (holding.HeldScorer) until this has acted. It looks until
+    it has acted or `done` is set (scoring ended without it: the test fails on `killed`)."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.killed = None
+        self.done = threading.Event()
         self.release = Path(tempfile.gettempdir()) / f"padim-release-{uuid.uuid4().hex[:12]}"
 
     def run(self):
-        deadline = time.monotonic() + 120
         try:
-            while self.killed is None and time.monotonic() < deadline:
+            while self.killed is None and not self.done.is_set():
                 for name in [n for n in ray.util.list_named_actors() if n.startswith("padim-ray-score-")]:
                     actor = ray.get_actor(name)
                     if ray.get(actor.progress.remote())[0] > 0:  # frames done, answered while it holds (max_concurrency=2)
                         ray.kill(actor)
                         self.killed = name
                         break
-                time.sleep(0.01)
+                self.done.wait(0.01)
         finally:
-            self.release.touch()  # also when it never acted: scoring ends and the test fails on `killed`
+            self.release.touch()
 
 
 @pytest.mark.parametrize("actors", [2, 1], ids=["a-survivor-redoes", "a-new-actor-redoes"])
@@ -104,6 +105,7 @@ def test_killed_score_actor_is_redone(ray_local, small_model, stc_root, undistur
     try:
         result = score_inputs(small_model, score_inputs_of(stc_root), out, score=SCORE, cluster=cluster)
     finally:
+        killer.done.set()
         killer.join()
         killer.release.unlink(missing_ok=True)
     assert killer.killed is not None, "no scoring actor was killed: the test did not test recovery"

@@ -98,7 +98,7 @@ def test_a_clip_replayed_in_realtime_yields_its_event_live_with_a_snapshot(small
     started = time.monotonic()
     result = watch(str(small_model), [str(clip)], tmp_path / "out", options)
     took = time.monotonic() - started
-    assert FRAMES / CLIP_FPS <= took < FRAMES / CLIP_FPS + 30  # replayed at its own rate
+    assert took >= FRAMES / CLIP_FPS  # replayed at its own rate, not as fast as it is scored
     stdout = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     written = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
     assert stdout == written and result.closed == 1
@@ -135,7 +135,7 @@ def test_sigterm_closes_open_events_while_a_dead_camera_is_retried(small_model, 
     driver.send_signal(signal.SIGTERM)
     stopping = time.monotonic()
     rest, stderr = driver.communicate(timeout=30)
-    assert time.monotonic() - stopping < 5
+    assert time.monotonic() - stopping < 5, stderr
     assert driver.returncode == 128 + signal.SIGTERM, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated by SIGTERM", stderr
     notices = lines + [json.loads(line) for line in rest.splitlines()]
