@@ -56,20 +56,28 @@ def fold_batch_norms(extractor: nn.Module) -> nn.Module:
         return extractor
 
 
+def feature_extractor(model: nn.Module, stages: tuple[str, ...]) -> nn.Module:
+    """`model` traced to return the outputs of `stages` (torch.fx): with timm's extractor for timm's models
+    (it knows their untraceable layers), torchvision's for the others (importing timm costs an actor 0.7 s)."""
+    if type(model).__module__.startswith("timm."):
+        from timm.layers import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+    return create_feature_extractor(model, return_nodes={s: s for s in stages})
+
+
 class Embedder(nn.Module):
     """Turns uint8 frames into embeddings (B, d, h, w) on a fixed grid."""
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu"):
         super().__init__()
-        from timm.layers import create_feature_extractor  # torchvision's, aware of timm's untraceable layers
-
         self.spec: BackboneSpec = get_backbone(config.backbone)
         self.image_size = config.image_size
         dims = config.dims or self.spec.default_dims
         self.channel_indices = select_channels(self.spec.total_channels, dims, config.seed)
         model, self.weights_identity = load_weights(self.spec, config.weights, config.seed)
         with _BUILD_LOCK:
-            self.extractor = fold_batch_norms(create_feature_extractor(model, return_nodes={s: s for s in self.spec.stages}).eval())
+            self.extractor = fold_batch_norms(feature_extractor(model, self.spec.stages).eval())
         self.device = torch.device(device)
         self.dtype = config.backbone_dtype
         offsets = np.cumsum((0,) + self.spec.channels)

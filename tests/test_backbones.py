@@ -8,7 +8,7 @@ import torch
 
 from padim_ray.backbones import BACKBONES, WeightsError, get_backbone, load_weights
 from padim_ray.config import ModelConfig
-from padim_ray.embedding import Embedder, select_channels
+from padim_ray.embedding import Embedder, feature_extractor, select_channels
 from padim_ray.errors import PadimError
 
 # input pixels per feature cell of each backbone's stages (the registry does not need them)
@@ -52,11 +52,9 @@ def test_embedding_channels_are_the_selected_stage_channels():
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_folded_batch_norms_give_the_torchvision_features(name):
-    from timm.layers import create_feature_extractor  # as the Embedder builds it
-
     embedder = Embedder(ModelConfig(backbone=name, weights="none", image_size=64))
     model, _ = load_weights(embedder.spec, "none", seed=1024)  # the same random init, unfolded
-    plain = create_feature_extractor(model.eval(), return_nodes=list(embedder.spec.stages))
+    plain = feature_extractor(model.eval(), embedder.spec.stages)  # traced as the Embedder traces it, not folded
     x = torch.randn(2, 3, 64, 64)
     folded, reference = embedder.extractor(x), plain(x)
     for stage in embedder.spec.stages:
