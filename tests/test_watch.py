@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from padim_ray.synthetic import _background, _Mover, _Scene, write_video
 from padim_ray.video import VideoError, _video_frames
 from padim_ray.watch import WatchOptions, watch
 from helpers import BIN, SMALL_DATA, assert_clean_failure, run, start_local_ray
+from streams import LiveCamera
 
 CLIP_FPS = 24
 NORMAL = 20  # frames before the vehicle enters (and about 1.3 s after it has left)
@@ -150,4 +153,50 @@ def test_sigterm_closes_open_events_while_a_dead_camera_is_retried(small_model, 
     assert int(dead[-1].split("reconnects ")[1].split(",")[0]) >= 1 and "Connection refused" in dead[-1], stderr
     gate = [line for line in stderr.splitlines() if "camera gate:" in line]
     assert "stopped" in gate[-1] and "reconnects 0" in gate[-1], stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_live_http_camera_is_watched_through_its_server_being_killed_and_started_again(small_model, clip, threshold, tmp_path):
+    """A camera served as MPEG-TS over HTTP (tests/streams.py, the clip looped at its own rate): its event comes on
+    stdout and in events.jsonl with a snapshot; the server is killed mid-stream and started again on its port: the
+    reader reconnects and the event is found again in the new stream; SIGTERM then ends the command."""
+    start_local_ray()
+    camera = LiveCamera(clip).start()
+    out = tmp_path / "out"
+    command = [
+        str(BIN / "padim-ray"), "watch", str(small_model), f"gate={camera.url}", "--out", str(out), "--threshold", repr(threshold),
+        "--status-every", "0.5", "--address", ray.get_runtime_context().gcs_address,
+    ]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, driver.kill)  # a bound for a hung command, not a race: every wait below is for a line
+    watchdog.start()
+    notices = []
+
+    def next_notice(wanted) -> dict:
+        for line in driver.stdout:
+            notices.append(json.loads(line))
+            if wanted(notices[-1]):
+                return notices[-1]
+        raise AssertionError(f"watch ended before the notice it was waited for: {notices}")
+
+    try:
+        first = next_notice(lambda n: n["notice"] == "closed")
+        camera.kill()
+        restarted = time.time()
+        camera.start()
+        again = next_notice(lambda n: n["notice"] == "opened" and n["time"] > restarted)
+    finally:
+        driver.send_signal(signal.SIGTERM)
+        rest, stderr = driver.communicate(timeout=60)
+        watchdog.cancel()
+        camera.kill()
+    notices += [json.loads(line) for line in rest.splitlines()]
+    assert driver.returncode == 128 + signal.SIGTERM, stderr
+    assert [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()] == notices
+    assert first["camera"] == again["camera"] == "gate" and again["event"] > first["event"]
+    assert first["peak_score"] >= threshold and Image.open(first["snapshot"]).size == (SMALL_DATA.width, SMALL_DATA.height)
+    closed = [n for n in notices if n["notice"] == "closed"]
+    assert all(Path(n["snapshot"]).is_file() for n in closed) and closed[-1]["event"] == again["event"]  # closed by the stop
+    gate = [line for line in stderr.splitlines() if "camera gate:" in line]
+    assert int(gate[-1].split("reconnects ")[1].split(",")[0]) >= 1 and "stopped" in gate[-1], stderr
     assert "Traceback" not in stderr

@@ -1,0 +1,99 @@
+"""A live camera for tests: a clip published over HTTP as an endless MPEG-TS stream, looped at its own
+frame rate and encoded by FFmpeg's libraries (through PyAV) as a camera's encoder would, for
+`padim-ray watch` to read as it reads a real camera.
+
+Run as a script in its own process, so that a test can kill it mid-stream and start it again:
+
+    python tests/streams.py PORT CLIP
+
+Each client gets the clip from its first frame, looped until it disconnects; the server prints
+"listening" once it takes connections.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+
+PATH = "/live.ts"
+
+
+def clip_frames(clip: str) -> tuple[list[np.ndarray], int]:
+    """The clip's frames (RGB) and its frame rate."""
+    with av.open(clip) as container:
+        stream = container.streams.video[0]
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)], round(stream.average_rate)
+
+
+def publish(output, frames: list[np.ndarray], fps: int) -> None:
+    """Write `frames` to `output` (a file object) as MPEG-TS, looping at `fps` until writing fails."""
+    height, width = frames[0].shape[:2]
+    with av.open(output, "w", format="mpegts", container_options={"flush_packets": "1"}) as container:
+        stream = container.add_stream("mpeg2video", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = 4_000_000
+        stream.codec_context.gop_size = fps // 2  # a reader that joins or reconnects decodes within half a second
+        started, count = time.monotonic(), 0
+        while True:
+            for picture in frames:
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts = count
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                count += 1
+                time.sleep(max(0.0, started + count / fps - time.monotonic()))  # a camera gives each frame at its time
+
+
+def serve(port: int, clip: str) -> None:
+    frames, fps = clip_frames(clip)
+
+    class Camera(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != PATH:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.end_headers()
+            try:
+                publish(self.wfile, frames, fps)
+            except (BrokenPipeError, ConnectionResetError, av.FFmpegError, OSError):
+                pass  # the reader went away
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Camera)  # allow_reuse_address: a restart takes the port again
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), sys.argv[2])
+
+
+class LiveCamera:
+    """This script serving `clip` on a free local port, in a process of its own: started, killed, started again."""
+
+    def __init__(self, clip):
+        self.clip, self.process = clip, None
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+
+    def start(self) -> LiveCamera:
+        self.process = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.clip)], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "listening", f"the camera server on port {self.port} did not start"
+        return self
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
