@@ -1,13 +1,13 @@
-"""A live camera for tests: a clip published over HTTP as an endless MPEG-TS stream, looped at its own
-frame rate and encoded by FFmpeg's libraries (through PyAV) as a camera's encoder would, for
-`padim-ray watch` to read as it reads a real camera.
+"""A live camera for tests: a clip published as an endless MPEG-TS stream, looped at its own frame rate
+and encoded by FFmpeg's libraries (through PyAV) as a camera's encoder would, served over HTTP or
+sent over UDP, for `padim-ray watch` to read as it reads a real camera.
 
 Run as a script in its own process, so that a test can kill it mid-stream and start it again:
 
-    python tests/streams.py PORT CLIP
+    python tests/streams.py http PORT CLIP   # each client gets the clip from its first frame, looped
+    python tests/streams.py udp PORT CLIP    # datagrams to 127.0.0.1:PORT, whether anyone listens or not
 
-Each client gets the clip from its first frame, looped until it disconnects; the server prints
-"listening" once it takes connections.
+It prints "listening" (http: once it takes connections) or "sending" (udp).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def clip_frames(clip: str) -> tuple[list[np.ndarray], int]:
 
 
 def publish(output, frames: list[np.ndarray], fps: int) -> None:
-    """Write `frames` to `output` (a file object) as MPEG-TS, looping at `fps` until writing fails."""
+    """Write `frames` to `output` (a file object or an FFmpeg URL) as MPEG-TS, looping at `fps` until writing fails."""
     height, width = frames[0].shape[:2]
     with av.open(output, "w", format="mpegts", container_options={"flush_packets": "1"}) as container:
         stream = container.add_stream("mpeg2video", rate=fps)
@@ -74,23 +74,33 @@ def serve(port: int, clip: str) -> None:
     server.serve_forever()
 
 
+def send(port: int, clip: str) -> None:
+    frames, fps = clip_frames(clip)
+    print("sending", flush=True)
+    publish(f"udp://127.0.0.1:{port}?pkt_size=1316", frames, fps)  # seven TS packets a datagram, as cameras send them
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2])
+    {"http": serve, "udp": send}[sys.argv[1]](int(sys.argv[2]), sys.argv[3])
 
 
 class LiveCamera:
-    """This script serving `clip` on a free local port, in a process of its own: started, killed, started again."""
+    """This script serving (http) or sending (udp) `clip` on a free local port, in a process of its own: started,
+    killed, started again."""
 
-    def __init__(self, clip):
-        self.clip, self.process = clip, None
-        with socket.socket() as probe:
+    def __init__(self, clip, protocol: str = "http"):
+        self.clip, self.protocol, self.process = clip, protocol, None
+        kind = socket.SOCK_STREAM if protocol == "http" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.url = f"http://127.0.0.1:{self.port}{PATH}" if protocol == "http" else f"udp://127.0.0.1:{self.port}"
 
     def start(self) -> LiveCamera:
-        self.process = subprocess.Popen([sys.executable, __file__, str(self.port), str(self.clip)], stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout.readline().strip() == "listening", f"the camera server on port {self.port} did not start"
+        command = [sys.executable, __file__, self.protocol, str(self.port), str(self.clip)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        started = self.process.stdout.readline().strip()
+        assert started in ("listening", "sending"), f"the {self.protocol} camera on port {self.port} did not start"
         return self
 
     def kill(self) -> None:

@@ -120,6 +120,7 @@ def test_a_clip_replayed_in_realtime_yields_its_event_live_with_a_snapshot(small
     assert status["reconnects"] == 0 and status["state"] == "ended" and 0 < status["latency_ms_median"] < 1000
 
 
+@pytest.mark.slow
 def test_sigterm_closes_open_events_while_a_dead_camera_is_retried(small_model, clip, threshold, tmp_path):
     """Two cameras, one dead from the start: the clip is scored and its event opens; SIGTERM then ends the
     command within seconds, the open event closed (with its snapshot) and events.jsonl flushed."""
@@ -156,12 +157,15 @@ def test_sigterm_closes_open_events_while_a_dead_camera_is_retried(small_model, 
     assert "Traceback" not in stderr
 
 
-def test_a_live_http_camera_is_watched_through_its_server_being_killed_and_started_again(small_model, clip, threshold, tmp_path):
-    """A camera served as MPEG-TS over HTTP (tests/streams.py, the clip looped at its own rate): its event comes on
-    stdout and in events.jsonl with a snapshot; the server is killed mid-stream and started again on its port: the
-    reader reconnects and the event is found again in the new stream; SIGTERM then ends the command."""
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "udp"])
+def test_a_live_camera_is_watched_through_its_stream_being_killed_and_started_again(small_model, clip, threshold, tmp_path, protocol):
+    """A camera streaming MPEG-TS (tests/streams.py, the clip looped at its own rate), served over HTTP or sent over
+    UDP: its event comes on stdout and in events.jsonl with a snapshot; the stream is killed mid-way (HTTP: the
+    connection drops; UDP: the datagrams stall) and started again on its port: the reader reconnects and the event
+    is found again in the new stream; SIGTERM then ends the command."""
     start_local_ray()
-    camera = LiveCamera(clip).start()
+    camera = LiveCamera(clip, protocol).start()
     out = tmp_path / "out"
     command = [
         str(BIN / "padim-ray"), "watch", str(small_model), f"gate={camera.url}", "--out", str(out), "--threshold", repr(threshold),
@@ -170,7 +174,16 @@ def test_a_live_http_camera_is_watched_through_its_server_being_killed_and_start
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(300, driver.kill)  # a bound for a hung command, not a race: every wait below is for a line
     watchdog.start()
-    notices = []
+    notices, errors, reconnecting = [], [], threading.Event()
+
+    def read_errors():
+        for line in driver.stderr:
+            errors.append(line)
+            if "camera gate:" in line and "reconnecting" in line:
+                reconnecting.set()
+
+    error_reader = threading.Thread(target=read_errors, daemon=True)
+    error_reader.start()
 
     def next_notice(wanted) -> dict:
         for line in driver.stdout:
@@ -182,14 +195,18 @@ def test_a_live_http_camera_is_watched_through_its_server_being_killed_and_start
     try:
         first = next_notice(lambda n: n["notice"] == "closed")
         camera.kill()
+        assert reconnecting.wait(120), "".join(errors)  # dropped (HTTP) or stalled past its read timeout (UDP)
         restarted = time.time()
         camera.start()
         again = next_notice(lambda n: n["notice"] == "opened" and n["time"] > restarted)
     finally:
         driver.send_signal(signal.SIGTERM)
-        rest, stderr = driver.communicate(timeout=60)
+        driver.wait(60)
+        error_reader.join()
+        rest = driver.stdout.read()
         watchdog.cancel()
         camera.kill()
+    stderr = "".join(errors)
     notices += [json.loads(line) for line in rest.splitlines()]
     assert driver.returncode == 128 + signal.SIGTERM, stderr
     assert [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()] == notices
