@@ -201,6 +201,7 @@ class Run:
     seconds: float  # the child's own timing if it printed one, else start to exit
     peak_parts: dict[str, int]  # PSS of each process when the child's process tree peaked
     stdout: str
+    stderr: str
 
     @property
     def peak_bytes(self) -> int:
@@ -227,7 +228,7 @@ def workdir() -> Iterator[Path]:
 
 
 def measure(command: list[str], frames: int | None = None) -> Run:
-    """Run `command` as a child; its time, the peak PSS of its process tree and its stdout.
+    """Run `command` as a child; its time, the peak PSS of its process tree, its stdout and stderr.
 
     A child whose last stdout line is JSON with `seconds` timed itself; with `frames` given, its
     `frames` (when it reports them) must match.
@@ -259,7 +260,7 @@ def measure(command: list[str], frames: int | None = None) -> Run:
     report = _last_json(out)
     if frames is not None and report.get("frames", frames) != frames:
         raise SystemExit(f"{' '.join(map(str, command))} handled {report['frames']} frames, not {frames}")
-    return Run(report.get("seconds", seconds), peak_parts, out)
+    return Run(report.get("seconds", seconds), peak_parts, out, err)
 
 
 def _last_json(out: str) -> dict:
