@@ -244,6 +244,7 @@ def watch(
     event_gap: Annotated[float, typer.Option(help="Seconds below the off level that end an event (shorter gaps merge).")] = EventConfig.event_gap,
     realtime: Annotated[bool, typer.Option(help="Replay video files at their own frame rate, as cameras (else as fast as they are scored).")] = False,
     status_every: Annotated[float, typer.Option(help="Seconds between status lines (one per camera, on stderr).")] = 10.0,
+    webhook: Annotated[Optional[str], typer.Option(help="An http(s) URL each notice is also POSTed to, as JSON.")] = None,
     address: Address = None,
 ) -> None:
     """Score live cameras until stopped (Ctrl-C, SIGTERM): events as JSON lines on stdout and in OUT/events.jsonl,
@@ -253,7 +254,7 @@ def watch(
 
     with one_line_errors():
         options = WatchOptions(
-            fps=fps, realtime=realtime, status_every=status_every,
+            fps=fps, realtime=realtime, status_every=status_every, webhook=webhook,
             decisions=DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap)),
         )
         result = watch_sources(model, sources, out, options, address)

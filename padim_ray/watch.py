@@ -41,10 +41,12 @@ from padim_ray.stop_signals import deferred
 from padim_ray.store import open_model
 from padim_ray.thresholds import NOT_CALIBRATED
 from padim_ray.viz import Marks, draw_boxes, overlay  # imported before a stop needs a snapshot: matplotlib takes seconds to load
+from padim_ray.webhook import Webhook
 
 log = logging.getLogger(__name__)
 EVENTS_LOG = "events.jsonl"
 SNAPSHOTS = "snapshots"
+WEBHOOK_WAIT = 2.0  # seconds the end of a watch waits for queued webhook notices (a stop must end within seconds)
 LATENCY_WINDOW = 2000  # latest latencies per camera that the status's median and p99 are read from
 
 
@@ -56,12 +58,15 @@ class WatchOptions:
     batch: int = 16  # most frames per scoring call
     max_restarts: int = 3  # lost scoring actors replaced before watch stops
     decisions: DecisionOptions = DecisionOptions()
+    webhook: str | None = None  # an http(s) URL every notice is POSTed to (padim_ray.webhook)
 
     def __post_init__(self):
         if not 0 < self.fps <= 120:
             raise ConfigError(f"--fps must be above 0 and at most 120, got {self.fps:g}")
         if not self.status_every > 0:
             raise ConfigError(f"--status-every must be above 0 seconds, got {self.status_every:g}")
+        if self.webhook is not None and not self.webhook.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"--webhook must be an http:// or https:// URL, got {self.webhook}")
 
 
 @dataclass
@@ -109,8 +114,8 @@ class WatchResult:
 class EventSink:
     """Notices as JSON lines on stdout and appended to OUT/events.jsonl, each flushed at once; snapshots at closes."""
 
-    def __init__(self, out: Path, decision: Decision, stdout=None):
-        self.out, self.decision = out, decision
+    def __init__(self, out: Path, decision: Decision, stdout=None, webhook: Webhook | None = None):
+        self.out, self.decision, self.webhook = out, decision, webhook
         self.run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # in snapshot names: event ids count from 0 in every run
         (out / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
         self.file = open(out / EVENTS_LOG, "a")
@@ -130,6 +135,8 @@ class EventSink:
                 stream.write(line)
                 stream.flush()
             self.closed += notice.kind == "closed"
+        if self.webhook:
+            self.webhook.post(record)
 
     def snapshot(self, name: str, event: Event, frame: np.ndarray, anomaly_map: np.ndarray) -> Path:
         """The peak frame with the heatmap of its regions over the off level (from there up to the peak) and the event's box, as a JPEG."""
@@ -143,6 +150,8 @@ class EventSink:
 
     def close(self) -> None:
         self.file.close()
+        if self.webhook:
+            self.webhook.close(wait=WEBHOOK_WAIT)
 
 
 class RemoteScorer:
@@ -202,7 +211,7 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
     size = store.attributes.image_size
     log.info("watch: %d camera(s) at %g fps, threshold %.4g (%s) -> %s", len(named), options.fps, decision.threshold.value, decision.threshold.meaning, out)
     connect(address)
-    sink = EventSink(out, decision, stdout)
+    sink = EventSink(out, decision, stdout, Webhook(options.webhook) if options.webhook else None)
     scorer, cameras = None, []
     try:
         scorer = RemoteScorer(str(store.path), options.max_restarts)

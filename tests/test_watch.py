@@ -3,7 +3,9 @@ a snapshot); a dead camera is retried while the other is scored; SIGTERM closes 
 
 from __future__ import annotations
 
+import http.server
 import json
+import logging
 import signal
 import subprocess
 import threading
@@ -15,6 +17,7 @@ import pytest
 import ray
 from PIL import Image
 
+from padim_ray.config import ConfigError
 from padim_ray.decisions import DecisionOptions
 from padim_ray.readers import Reader, SourceError, camera_names
 from padim_ray.score import Scorer
@@ -217,3 +220,45 @@ def test_a_live_camera_is_watched_through_its_stream_being_killed_and_started_ag
     gate = [line for line in stderr.splitlines() if "camera gate:" in line]
     assert int(gate[-1].split("reconnects ")[1].split(",")[0]) >= 1 and "stopped" in gate[-1], stderr
     assert "Traceback" not in stderr
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook endpoint on a free local port that keeps the JSON bodies POSTed to it."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/events"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_notices_are_posted_to_a_webhook_and_a_dead_one_costs_only_a_warning(small_model, clip, threshold, tmp_path, caplog):
+    start_local_ray()
+    receiver = Receiver()
+    decisions = DecisionOptions(repr(threshold))
+    try:
+        result = watch(str(small_model), [str(clip)], tmp_path / "out", WatchOptions(decisions=decisions, webhook=receiver.url))
+    finally:
+        receiver.shutdown()
+    written = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    assert result.closed == 1 and receiver.received == written and written[-1]["notice"] == "closed"
+
+    caplog.set_level(logging.WARNING, logger="padim_ray.webhook")
+    dead = WatchOptions(decisions=decisions, webhook=DEAD_URL)  # nothing listens
+    result = watch(str(small_model), [str(clip)], tmp_path / "dead", dead)
+    assert result.closed == 1 and len((tmp_path / "dead" / "events.jsonl").read_text().splitlines()) == len(written)
+    failures = [m for m in caplog.messages if "failed (" in m]
+    assert len(failures) == 1 and "Connection refused" in failures[0]  # once per run of failures, not per notice
+    assert caplog.messages[-1] == f"watch: webhook {DEAD_URL}: 0 notice(s) sent, {len(written)} failed, 0 not sent"
+    with pytest.raises(ConfigError, match="--webhook must be an http"):
+        WatchOptions(webhook="ftp://example.com/hook")
