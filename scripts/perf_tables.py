@@ -143,6 +143,16 @@ def profile_actor(run: dict) -> list[str]:
     return lines
 
 
+def watch(run: dict) -> list[str]:
+    lines = [f"Each camera: {run['clip_seconds']} s of {run['source']} replayed `--realtime`, taken at {run['rows'][0]['fps']:g} frames/s.", "",
+             "| cameras | frames read | scored | dropped | latency median ms (worst camera) | p99 ms (worst camera) | peak GiB | sustained |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in run["rows"]:
+        lines.append(f"| {r['cameras']} | {r['read']} | {r['scored']} | {r['dropped']} | {r['latency_ms_median_worst']} | "
+                     f"{r['latency_ms_p99_worst']} | {r['peak_gib']:.2f} | {'yes' if r['sustained'] else 'no'} |")
+    return lines
+
+
 def decode(run: dict) -> list[str]:
     lines = ["| processes | marginal frames/s | per process | fixed s |", "|---|---|---|---|"]
     for r in run["rows"]:
@@ -173,7 +183,7 @@ def findings(entries: list[dict], section: str) -> list[str]:
 RENDERERS = {
     "bench_fit": ("fit", against_bare), "bench_score": ("score", against_bare), "bench_peer": ("peer", peer),
     "bench_memory": ("memory", memory), "bench_reduce": ("reduce", reduce), "bench_scenes": ("scenes", scenes),
-    "bench_decode": ("decode", decode), "profile_actor": ("profile_actor", profile_actor), "stc_time": ("fit", stc_time),
+    "bench_decode": ("decode", decode), "bench_watch": ("watch", watch), "profile_actor": ("profile_actor", profile_actor), "stc_time": ("fit", stc_time),
 }
 
 
