@@ -12,7 +12,7 @@ import ray
 from padim_ray.config import ClusterConfig
 from padim_ray.files import Location
 from padim_ray.synthetic import make_synthetic
-from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, ray_started_with_endpoint, start_local_ray
+from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, ray_started_with_endpoint, remove_ray_temp_dirs, start_local_ray
 
 
 @pytest.hookimpl(trylast=True)
@@ -91,6 +91,7 @@ def where(request, tmp_path) -> Location:
 def _shutdown_ray_at_end():
     yield
     ray.shutdown()
+    remove_ray_temp_dirs()
 
 
 @pytest.fixture
