@@ -29,6 +29,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from padim_ray.camera_metrics import CameraMetrics
 from padim_ray.config import ClusterConfig, ConfigError, ScoreConfig
 from padim_ray.decisions import Decision, DecisionOptions, resolve_decision
 from padim_ray.devices import actor_device
@@ -211,6 +212,7 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
     size = store.attributes.image_size
     log.info("watch: %d camera(s) at %g fps, threshold %.4g (%s) -> %s", len(named), options.fps, decision.threshold.value, decision.threshold.meaning, out)
     connect(address)
+    metrics = CameraMetrics()
     sink = EventSink(out, decision, stdout, Webhook(options.webhook) if options.webhook else None)
     scorer, cameras = None, []
     try:
@@ -219,10 +221,11 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
             tracker = RegionTracker(options.fps, decision.threshold.value, decision.events)
             keep = tracker.min_frames + tracker.merge_frames + 2
             cameras.append(Camera(name, Reader(name, source, options.fps, size, options.realtime).start(), tracker, collections.deque(maxlen=keep)))
-        _loop(cameras, scorer, sink, options)
+        _loop(cameras, scorer, sink, metrics, options)
     finally:
         for camera in cameras:
             camera.reader.stop(wait=0.2)
+            metrics.follow(camera.name, camera.reader.stats)
         for camera in cameras:
             _finish(camera, sink, "stopped")
         sink.close()
@@ -233,7 +236,7 @@ def watch(model: str, sources: list[str], out: str | Path, options: WatchOptions
     return WatchResult(out, sink.closed, {camera.name: camera.status() for camera in cameras})
 
 
-def _loop(cameras: list[Camera], scorer: RemoteScorer, sink: EventSink, options: WatchOptions) -> None:
+def _loop(cameras: list[Camera], scorer: RemoteScorer, sink: EventSink, metrics: CameraMetrics, options: WatchOptions) -> None:
     next_status = time.monotonic() + options.status_every
     turn = 0
     while True:
@@ -249,16 +252,18 @@ def _loop(cameras: list[Camera], scorer: RemoteScorer, sink: EventSink, options:
         for camera in live[turn % len(live):] + live[: turn % len(live)]:  # a different camera first each turn
             batch += [(camera, sample) for sample in camera.reader.take(min(share, options.batch - len(batch)))]
         if batch:
-            _score(batch, scorer, sink)
+            _score(batch, scorer, sink, metrics)
         else:
             time.sleep(0.01)
+        for camera in live:
+            metrics.follow(camera.name, camera.reader.stats)
         if time.monotonic() >= next_status:
             next_status += options.status_every
             for camera in cameras:
                 log.info("watch: %s", format_status(camera.status()))
 
 
-def _score(batch: list[tuple[Camera, Sample]], scorer: RemoteScorer, sink: EventSink) -> None:
+def _score(batch: list[tuple[Camera, Sample]], scorer: RemoteScorer, sink: EventSink, metrics: CameraMetrics) -> None:
     maps = scorer.maps(np.stack([sample.model_frame for _, sample in batch]))
     if maps is None:  # the actor was lost with this batch
         for camera, _ in batch:
@@ -268,6 +273,7 @@ def _score(batch: list[tuple[Camera, Sample]], scorer: RemoteScorer, sink: Event
     for (camera, sample), anomaly_map in zip(batch, maps):
         camera.scored += 1
         camera.latencies.append(now - sample.captured)
+        metrics.scored(camera.name, now - sample.captured)
         camera.recent.append((sample.index, sample.frame, anomaly_map))
         for notice in camera.tracker.step(sample.index, anomaly_map):
             if notice.kind in ("opened", "updated"):

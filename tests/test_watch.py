@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,21 @@ def test_a_clip_replayed_in_realtime_yields_its_event_live_with_a_snapshot(small
     status = result.cameras["gate"]
     assert status["read"] == status["scored"] + status["dropped"] and status["scored"] >= 15  # 4.2 s at 5 fps: 21 taken
     assert status["reconnects"] == 0 and status["state"] == "ended" and 0 < status["latency_ms_median"] < 1000
+    deadline = time.monotonic() + 120  # a bound, not a race: the node's metrics agent takes what a process records every 10 s
+    while exported("padim_ray_watch_frames_scored_total", "gate") != status["scored"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert exported("padim_ray_watch_frames_scored_total", "gate") == status["scored"]  # as Prometheus scrapes it
+    assert exported("padim_ray_watch_frames_read_total", "gate") == status["read"]
+    assert exported("padim_ray_watch_latency_seconds_count", "gate") == status["scored"]
+
+
+def exported(name: str, camera: str) -> float | None:
+    """This process's value of Ray metric `name` for `camera` at the node's Prometheus endpoint, once exported."""
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    worker = f'WorkerId="{ray.get_runtime_context().get_worker_id()}"'
+    lines = [line for line in text.splitlines() if line.startswith(f"ray_{name}{{") and f'camera="{camera}"' in line and worker in line]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else None
 
 
 @pytest.mark.slow
