@@ -9,26 +9,34 @@ the clips end; each camera's last status line gives the frames it read, scored a
 capture-to-score latency (median and p99 over its last 2,000 frames). A count is sustained when no
 camera dropped a frame and every camera's p99 is under 1 s.
 
-    python scripts/bench_watch.py [--cameras 1 2 4 8] [--seconds 30] [--json PATH]   # default: runs/bench/watch/
+With --memory-minutes M, it then watches 2 cameras for M minutes (vtest looped back and forth to
+that length) and samples the PSS of the command's process tree every 30 s: memory must stay flat.
+
+    python scripts/bench_watch.py [--cameras 1 2 4 8] [--seconds 30] [--memory-minutes 10] [--json PATH]   # default: runs/bench/watch/
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import av
+import psutil
 
 import runrecord
 from bench_fit import fit_command
-from benchlib import REPO, footage, measure, padim_ray, workdir
+from benchlib import REPO, footage, measure, padim_ray, tree_pss, workdir
 
 STATUS = re.compile(
     r"camera (?P<camera>\S+): (?P<state>\w+), read (?P<read>\d+), scored (?P<scored>\d+), dropped (?P<dropped>\d+), "
     r"reconnects \d+, latency median (?P<median>\d+) ms, p99 (?P<p99>\d+) ms"
 )
 P99_LIMIT_MS = 1000
+MEMORY_CAMERAS = 2
+MEMORY_SAMPLE_SECONDS = 30
 
 
 def last_statuses(stderr: str) -> dict[str, dict]:
@@ -56,11 +64,33 @@ def watch_row(cameras: int, clip: Path, model: Path, out: Path, fps: float) -> d
     return row
 
 
+def memory_series(clip: Path, model: Path, out: Path, fps: float) -> list[dict]:
+    """PSS of `padim-ray watch` of MEMORY_CAMERAS replays of `clip`, every MEMORY_SAMPLE_SECONDS until the clips end."""
+    sources = [f"cam{i}={clip}" for i in range(MEMORY_CAMERAS)]
+    command = padim_ray("watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", 60)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, started, samples = psutil.Process(child.pid), time.monotonic(), []
+    while child.poll() is None:
+        samples.append({"seconds": round(time.monotonic() - started), "pss_bytes": sum(tree_pss(root).values())})
+        try:
+            child.wait(MEMORY_SAMPLE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+    stderr = child.stderr.read()
+    if child.returncode:
+        raise SystemExit(f"watch failed (exit {child.returncode}):\n{stderr[-3000:]}")
+    statuses = last_statuses(stderr)
+    if sum(s["dropped"] for s in statuses.values()):
+        print(f"note: frames were dropped during the memory run: {statuses}")
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4, 8], help="camera counts to try")
     parser.add_argument("--seconds", type=int, default=30, help="seconds of footage each camera replays")
     parser.add_argument("--fps", type=float, default=5.0, help="frames taken per second of each camera")
+    parser.add_argument("--memory-minutes", type=float, default=0, help="then watch 2 cameras this long, sampling memory (0: not)")
     parser.add_argument("--source", type=Path, default=REPO / "data" / "vtest.avi", help="the footage (scripts/fetch_vtest.sh)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "footage", help="re-encoded footage, kept between runs")
     parser.add_argument("--json", type=Path, default=runrecord.default_path("watch"), help="where to write the results (default: runs/bench/)")
@@ -69,13 +99,19 @@ def main() -> None:
         rate = float(container.streams.video[0].average_rate)
     frames = round(args.seconds * rate)
     clip = footage([frames], args.source.resolve(), args.cache.resolve())[frames]
-    rows = []
+    rows, memory = [], {}
     with workdir() as tmp:
         measure(fit_command([clip], tmp / "model"))
         for cameras in args.cameras:
             rows.append(watch_row(cameras, clip, tmp / "model", tmp / f"watch-{cameras}", args.fps))
             print(rows[-1], flush=True)
-    runrecord.write(args.json.resolve(), runrecord.record("watch", rows, clip_seconds=args.seconds, source=args.source.name))
+        if args.memory_minutes > 0:
+            long_frames = round(args.memory_minutes * 60 * rate)
+            long_clip = footage([long_frames], args.source.resolve(), args.cache.resolve())[long_frames]
+            samples = memory_series(long_clip, tmp / "model", tmp / "watch-memory", args.fps)
+            memory = {"memory": {"cameras": MEMORY_CAMERAS, "minutes": args.memory_minutes, "samples": samples}}
+            print(memory, flush=True)
+    runrecord.write(args.json.resolve(), runrecord.record("watch", rows, clip_seconds=args.seconds, source=args.source.name, **memory))
     print(f"{'cameras':>8} {'read':>6} {'scored':>7} {'dropped':>8} {'median ms':>10} {'p99 ms':>7} {'peak GiB':>9}  sustained")
     for row in rows:
         print(
