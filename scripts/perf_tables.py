@@ -150,6 +150,13 @@ def watch(run: dict) -> list[str]:
     for r in run["rows"]:
         lines.append(f"| {r['cameras']} | {r['read']} | {r['scored']} | {r['dropped']} | {r['latency_ms_median_worst']} | "
                      f"{r['latency_ms_p99_worst']} | {r['peak_gib']:.2f} | {'yes' if r['sustained'] else 'no'} |")
+    memory = run.get("memory")
+    if memory:
+        samples = memory["samples"]
+        lines += ["", f"Memory over a {memory['minutes']:g}-minute watch of {memory['cameras']} cameras (PSS of the command's process tree, "
+                  f"every {samples[1]['seconds'] - samples[0]['seconds']} s):", "",
+                  "| minute | " + " | ".join(f"{s['seconds'] / 60:.1f}" for s in samples) + " |", "|---|" + "---|" * len(samples),
+                  "| GiB | " + " | ".join(gib(s["pss_bytes"]) for s in samples) + " |"]
     return lines
 
 
