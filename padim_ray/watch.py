@@ -271,9 +271,10 @@ def _score(batch: list[tuple[Camera, Sample]], scorer: RemoteScorer, sink: Event
         return
     now = time.time()
     for (camera, sample), anomaly_map in zip(batch, maps):
+        latency = now - sample.captured
         camera.scored += 1
-        camera.latencies.append(now - sample.captured)
-        metrics.scored(camera.name, now - sample.captured)
+        camera.latencies.append(latency)
+        metrics.scored(camera.name, latency)
         camera.recent.append((sample.index, sample.frame, anomaly_map))
         for notice in camera.tracker.step(sample.index, anomaly_map):
             if notice.kind in ("opened", "updated"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,10 +48,15 @@ def last_statuses(stderr: str) -> dict[str, dict]:
     return statuses
 
 
+def watch_command(cameras: int, clip: Path, model: Path, out: Path, fps: float, status_every: int) -> list[str]:
+    """`padim-ray watch` of `cameras` replays of `clip` at `fps`, with a threshold no frame reaches."""
+    sources = [f"cam{i}={clip}" for i in range(cameras)]
+    return padim_ray("watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", status_every)
+
+
 def watch_row(cameras: int, clip: Path, model: Path, out: Path, fps: float) -> dict:
     """`padim-ray watch` of `cameras` replays of `clip`: what they read, scored and dropped, and their latencies."""
-    sources = [f"cam{i}={clip}" for i in range(cameras)]
-    run = measure(padim_ray("watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", 10))
+    run = measure(watch_command(cameras, clip, model, out, fps, status_every=10))
     statuses = last_statuses(run.stderr)
     if len(statuses) != cameras:
         raise SystemExit(f"expected the status of {cameras} cameras, got {sorted(statuses)}:\n{run.stderr[-3000:]}")
@@ -66,17 +72,17 @@ def watch_row(cameras: int, clip: Path, model: Path, out: Path, fps: float) -> d
 
 def memory_series(clip: Path, model: Path, out: Path, fps: float) -> list[dict]:
     """PSS of `padim-ray watch` of MEMORY_CAMERAS replays of `clip`, every MEMORY_SAMPLE_SECONDS until the clips end."""
-    sources = [f"cam{i}={clip}" for i in range(MEMORY_CAMERAS)]
-    command = padim_ray("watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", 60)
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, started, samples = psutil.Process(child.pid), time.monotonic(), []
-    while child.poll() is None:
-        samples.append({"seconds": round(time.monotonic() - started), "pss_bytes": sum(tree_pss(root).values())})
-        try:
-            child.wait(MEMORY_SAMPLE_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-    stderr = child.stderr.read()
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: nobody reads it until the end, and a full pipe would block the command
+        child = subprocess.Popen(watch_command(MEMORY_CAMERAS, clip, model, out, fps, status_every=60), stdout=subprocess.DEVNULL, stderr=errors)
+        root, started, samples = psutil.Process(child.pid), time.monotonic(), []
+        while child.poll() is None:
+            samples.append({"seconds": round(time.monotonic() - started), "pss_bytes": sum(tree_pss(root).values())})
+            try:
+                child.wait(MEMORY_SAMPLE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+        errors.seek(0)
+        stderr = errors.read()
     if child.returncode:
         raise SystemExit(f"watch failed (exit {child.returncode}):\n{stderr[-3000:]}")
     statuses = last_statuses(stderr)

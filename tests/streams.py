@@ -80,9 +80,6 @@ def send(port: int, clip: str) -> None:
     publish(f"udp://127.0.0.1:{port}?pkt_size=1316", frames, fps)  # seven TS packets a datagram, as cameras send them
 
 
-if __name__ == "__main__":
-    {"http": serve, "udp": send}[sys.argv[1]](int(sys.argv[2]), sys.argv[3])
-
 
 class LiveCamera:
     """This script serving (http) or sending (udp) `clip` on a free local port, in a process of its own: started,
@@ -107,3 +104,7 @@ class LiveCamera:
         self.process.kill()
         self.process.wait()
         self.process.stdout.close()
+
+
+if __name__ == "__main__":
+    {"http": serve, "udp": send}[sys.argv[1]](int(sys.argv[2]), sys.argv[3])
