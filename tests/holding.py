@@ -65,32 +65,36 @@ def held_identity_embedder(release: Path):
 
 
 class HeldEmbedder(Embedder):
-    """The real embedder, held after its first batch until the file named by $PADIM_TEST_RELEASE exists."""
+    """The real embedder, held after its first batch until the file `release` names exists."""
+
+    release = ""  # set from $PADIM_TEST_RELEASE by the script below; pickled with the class, so actors on any Ray see it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.batches = 0
 
     def forward(self, frames):
-        hold(self.batches, os.environ[RELEASE_ENV])
+        hold(self.batches, self.release)
         self.batches += 1
         return super().forward(frames)
 
 
 class HeldScorer(Scorer):
-    """The real scorer, held after its first batch until `release` (default: $PADIM_TEST_RELEASE) exists.
+    """The real scorer, held after its first batch until `release` (default: the class's, from $PADIM_TEST_RELEASE) exists.
 
-    With $PADIM_TEST_HOLD_AFTER, it holds only once a file matches that glob, e.g. a map chunk's rows:
-    a batch need not complete a chunk (Ray Data may cut a decode block between batches), so a test
-    that needs a written chunk names it rather than counting on the first batch.
+    With `hold_after` ($PADIM_TEST_HOLD_AFTER), it holds only once a file matches that glob, e.g. a map
+    chunk's rows: a batch need not complete a chunk (Ray Data may cut a decode block between batches),
+    so a test that needs a written chunk names it rather than counting on the first batch.
     """
+
+    release, hold_after = "", ""  # set by the script below, as HeldEmbedder.release
 
     def __init__(self, *args, release: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.release, self.batches = release or os.environ[RELEASE_ENV], 0
+        self.release, self.batches = release or self.release, 0
 
     def maps(self, frames, size):
-        after = os.environ.get(HOLD_AFTER_ENV)
+        after = self.hold_after
         hold(self.batches if not after or glob.glob(after) else 0, self.release)
         self.batches += 1
         return super().maps(frames, size)
@@ -104,6 +108,8 @@ if __name__ == "__main__":
     import padim_ray.score
     from padim_ray.cli import app
 
+    HeldEmbedder.release = HeldScorer.release = os.environ[RELEASE_ENV]
+    HeldScorer.hold_after = os.environ.get(HOLD_AFTER_ENV, "")
     padim_ray.fit.Embedder = HeldEmbedder
     padim_ray.score.Scorer = HeldScorer
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test whose command hangs shows where

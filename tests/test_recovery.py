@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from padim_ray.checkpoint import CheckpointError, Checkpoints
 from padim_ray.config import ClusterConfig
@@ -28,7 +27,6 @@ from helpers import (
 from holding import RELEASE_ENV
 
 SMALL_FIT_OPTIONS = [*SMALL_FIT, "--batch-size", "4"]
-SMALL_FIT_CLUSTER = dataclasses.replace(SMALL_CLUSTER, batch_size=4)
 RESUME_TOLERANCE = 1e-12
 
 
@@ -83,18 +81,17 @@ def stop_when_held(command: list[str], env: dict, checkpoints: Path, stop: signa
 
 
 @pytest.mark.slow
-def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, request):
+def test_stopped_driver_resumes_from_checkpoints(ray_local, small_model, stc_root, tmp_path):
     """`padim-ray fit` killed (SIGKILL), resumed and interrupted (SIGINT), each held mid-fit (tests/holding.py),
-    resumed again as is: equals an uninterrupted fit."""
+    resumed again as is: equals an uninterrupted fit. The commands join the session's Ray (--address):
+    a driver's actors end with it on any Ray (test_unattended.py stops commands on their own Rays)."""
     out = tmp_path / "model"
-    ray_tmp = tempfile.mkdtemp(prefix="prr-")  # the CLI's own local Ray, apart from the session's
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     arguments = [
-        "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT_OPTIONS, "--checkpoint-every", "0", "--address", "local",
+        "fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(out), *SMALL_FIT_OPTIONS, "--checkpoint-every", "0",
+        "--address", ray.get_runtime_context().gcs_address,
     ]
     command, held = [str(BIN / "padim-ray"), *arguments], [sys.executable, str(TESTS / "holding.py"), *arguments]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released")}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, RELEASE_ENV: str(tmp_path / "never-released")}
     checkpoints = tmp_path / ".model.checkpoint"
 
     killed = stop_when_held(held, env, checkpoints, signal.SIGKILL)
@@ -113,8 +110,7 @@ def test_stopped_driver_resumes_from_checkpoints(ray_local, stc_root, tmp_path, 
     assert "resuming with" in resumed.stderr and "model: " in resumed.stdout
     assert not checkpoints.exists() and not list(tmp_path.glob(".model.partial-*"))  # nothing left behind
 
-    reference = fit_model(scene_videos(stc_root, "01"), tmp_path / "reference", SMALL_MODEL, SMALL_FIT_CLUSTER)
-    a, b = open_model(out), open_model(reference.out)
+    a, b = open_model(out), open_model(small_model)  # small_model: the same fit, undisturbed (other batch sizes)
     assert a.attrs["frames"] == b.attrs["frames"] == 60
     for name in ("mean", "m2", "covariance"):
         assert relative_error(a.read(name), b.read(name)) <= RESUME_TOLERANCE, name

@@ -15,7 +15,6 @@ import glob
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -114,21 +113,18 @@ def test_killed_score_actor_is_redone(ray_local, small_model, stc_root, undistur
 
 
 @pytest.mark.slow
-def test_killed_score_command_resumes(ray_local, small_model, stc_root, undisturbed, tmp_path, request, caplog):
-    """`padim-ray score` SIGKILLed once it has written a chunk (held there: tests/holding.py), rerun as
-    is (in this process, on the session's Ray): it says it resumed, keeps the chunks scored, and its
-    maps equal an undisturbed run's."""
+def test_killed_score_command_resumes(ray_local, small_model, stc_root, undisturbed, tmp_path, caplog):
+    """`padim-ray score` on the session's Ray (--address) SIGKILLed once it has written a chunk (held
+    there: tests/holding.py), rerun as is in this process: it says it resumed, keeps the chunks scored,
+    and its maps equal an undisturbed run's."""
     out = tmp_path / "maps"
-    ray_tmp = tempfile.mkdtemp(prefix="prs-")  # the CLI's own local Ray, apart from the session's
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     arguments = [
         "score", str(small_model), *map(str, score_inputs_of(stc_root)), "--out", str(out), "--map-dtype", "float32",
         *SMALL_CLUSTER_OPTIONS, "--batch-size", "16",
     ]
     chunks = str(tmp_path / ".maps.partial-*" / ".padim-progress" / "*.npz")  # the rows files of written chunks
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, RELEASE_ENV: str(tmp_path / "never-released"), HOLD_AFTER_ENV: chunks}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, str(TESTS / "holding.py"), *arguments, "--address", "local"]
+    env = {**os.environ, RELEASE_ENV: str(tmp_path / "never-released"), HOLD_AFTER_ENV: chunks}
+    command = [sys.executable, str(TESTS / "holding.py"), *arguments, "--address", ray.get_runtime_context().gcs_address]
     held = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600  # a bound for a hung start, not a race: the command holds once a chunk is written
     while not glob.glob(chunks) and held.poll() is None and time.monotonic() < deadline:

@@ -70,10 +70,14 @@ def test_sigterm_during_fit_keeps_checkpoints_and_says_so(stc_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_during_score_ends_in_one_line(small_model, stc_root, tmp_path):
+def test_sigterm_during_score_ends_in_one_line(ray_local, small_model, stc_root, tmp_path):
+    """As the fit above, on a Ray the command joined (the session's, by --address) rather than its own."""
     out = tmp_path / "maps"
     videos = map(str, scene_videos(stc_root, "01"))  # 60 frames: batches of 4 are held after the first
-    arguments = ["score", str(small_model), *videos, "--out", str(out), *SMALL_CLUSTER_OPTIONS, "--batch-size", "4", "--map-size", "model"]
+    arguments = [
+        "score", str(small_model), *videos, "--out", str(out), *SMALL_CLUSTER_OPTIONS, "--batch-size", "4", "--map-size", "model",
+        "--address", ray.get_runtime_context().gcs_address,
+    ]
     stopped = stop_when_held(arguments, cli_env(tmp_path), signal.SIGTERM)
     assert_stopped_in_one_line(stopped, signal.SIGTERM)
     assert not (out / "maps.zarr" / "zarr.json").exists()  # nothing published
@@ -179,13 +183,12 @@ def test_failed_checkpoint_saves_are_reported_on_the_driver_and_counted(ray_loca
 
 
 @pytest.mark.slow
-def test_two_fits_and_a_score_started_together_each_finish_on_their_own_ray(small_model, stc_root, tmp_path):
+def test_a_fit_and_a_score_started_together_each_finish_on_their_own_ray(small_model, stc_root, tmp_path):
     """Each command starts its own Ray (none joins another's and takes the CPUs its decoding needs):
     all finish, each equal to the same work done alone."""
     clip = stc_root / "testing" / "frames" / "01_0001"
     commands = {
-        "fit videos": ["fit", "videos", *map(str, scene_videos(stc_root, "01")), "--out", str(tmp_path / "a"), *SMALL_FIT],
-        "fit stc": ["fit", "stc", "--scene", "01", "--root", str(stc_root), "--out", str(tmp_path / "b"), *SMALL_FIT],
+        "fit": ["fit", "stc", "--scene", "01", "--root", str(stc_root), "--out", str(tmp_path / "model"), *SMALL_FIT],
         "score": [
             "score", str(small_model), str(clip), "--out", str(tmp_path / "maps"), *SMALL_CLUSTER_OPTIONS,
             "--map-size", "model", "--map-dtype", "float32",
@@ -198,12 +201,10 @@ def test_two_fits_and_a_score_started_together_each_finish_on_their_own_ray(smal
         stdout, stderr = command.communicate(timeout=600)
         assert command.returncode == 0, f"{name}: {stderr[-3000:]}"
         assert "Started a local Ray instance" in stderr, name  # its own, not another command's
-    reference = open_model(small_model)
-    for name in ("a", "b"):
-        model = open_model(tmp_path / name)
-        assert model.attrs["frames"] == reference.attrs["frames"] == 60
-        for array in ("mean", "m2", "covariance"):
-            assert relative_error(model.read(array), reference.read(array)) <= 1e-12, (name, array)
+    model, reference = open_model(tmp_path / "model"), open_model(small_model)
+    assert model.attrs["frames"] == reference.attrs["frames"] == 60
+    for array in ("mean", "m2", "covariance"):
+        assert relative_error(model.read(array), reference.read(array)) <= 1e-12, array
     frames = np.stack([f for _, f in iter_unit_frames(WorkUnit(0, str(clip)), size=64)])
     stored = zarr.open_group(str(tmp_path / "maps" / "maps.zarr"), mode="r")["01_0001"][:]
     assert relative_error(stored, Scorer(small_model).maps(frames, (64, 64)).numpy()) <= 1e-4
