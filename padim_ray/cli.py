@@ -16,6 +16,7 @@ from padim_ray.cli_errors import interrupted, one_line_errors
 from padim_ray.cli_options import Address, CheckpointOptions, ClusterOptions, SkipBadInputs, option_groups
 from padim_ray.config import BACKBONE_DTYPES, CALIBRATION_FRACTION, ClusterConfig, ModelConfig, ScoreConfig
 from padim_ray.errors import PadimError
+from padim_ray.map_segments import SegmentOptions
 from padim_ray.thresholds import EventConfig
 from padim_ray.synthetic import SyntheticSpec
 
@@ -235,29 +236,37 @@ def score(
 
 @app.command()
 def watch(
-    model: Annotated[str, typer.Argument(help="Model store written by `padim-ray fit` (path or URI).")],
-    sources: Annotated[list[str], typer.Argument(help="Cameras: rtsp://, http(s)://, udp:// URLs or video files, each optionally NAME=SOURCE.")],
-    out: Annotated[str, typer.Option(help="Folder for events.jsonl and snapshots/ (local).")],
+    model: Annotated[Optional[str], typer.Argument(help="Model store (path or URI) of the SOURCEs, and the camera list's default.")] = None,
+    sources: Annotated[Optional[list[str]], typer.Argument(help="Cameras: URLs (rtsp, http(s), udp) or video files, each optionally NAME=SOURCE.")] = None,
+    out: Annotated[str, typer.Option(help="Folder for events.jsonl, snapshots/ and maps/ (local).")] = ...,
+    cameras: Annotated[Optional[str], typer.Option(help="A camera list (TOML): [cameras.NAME] tables with source, and optionally model and threshold.")] = None,
     fps: Annotated[float, typer.Option(help="Frames taken per second of each source.")] = 5.0,
     threshold: Annotated[Optional[str], typer.Option(help=THRESHOLD_HELP, show_default="auto (the model must be calibrated)")] = None,
     min_event: Annotated[float, typer.Option(help="Seconds an event lasts at least (shorter ones are dropped).")] = EventConfig.min_event,
     event_gap: Annotated[float, typer.Option(help="Seconds below the off level that end an event (shorter gaps merge).")] = EventConfig.event_gap,
     realtime: Annotated[bool, typer.Option(help="Replay video files at their own frame rate, as cameras (else as fast as they are scored).")] = False,
+    scorers: Annotated[int, typer.Option(help="Scoring actors per model (0: one per GPU of the cluster, at least one).")] = 0,
+    map_segments: Annotated[float, typer.Option(help="Keep downsampled maps in OUT/maps/CAMERA/, one file per this many seconds (0: none).")] = 0.0,
+    map_side: Annotated[int, typer.Option(help="Side of the kept maps, in pixels.")] = SegmentOptions.side,
+    map_retention: Annotated[str, typer.Option(help="How long kept maps stay before they are removed, e.g. 90min, 24h, 7d.")] = "24h",
     status_every: Annotated[float, typer.Option(help="Seconds between status lines (one per camera, on stderr).")] = 10.0,
     webhook: Annotated[Optional[str], typer.Option(help="An http(s) URL each notice is also POSTed to, as JSON.")] = None,
     address: Address = None,
 ) -> None:
     """Score live cameras until stopped (Ctrl-C, SIGTERM): events as JSON lines on stdout and in OUT/events.jsonl,
     a heatmap snapshot of each event's peak in OUT/snapshots/. With only video files it ends when they end."""
+    from padim_ray.cameras import watched_cameras
     from padim_ray.decisions import DecisionOptions
-    from padim_ray.watch import WatchOptions, watch as watch_sources
+    from padim_ray.map_segments import parse_duration
+    from padim_ray.watch import WatchOptions, watch as watch_cameras
 
     with one_line_errors():
+        segments = SegmentOptions(map_segments, map_side, parse_duration(map_retention, "--map-retention"))
         options = WatchOptions(
-            fps=fps, realtime=realtime, status_every=status_every, webhook=webhook,
+            fps=fps, realtime=realtime, status_every=status_every, scorers=scorers, webhook=webhook, segments=segments,
             decisions=DecisionOptions(threshold, EventConfig(min_event=min_event, event_gap=event_gap)),
         )
-        result = watch_sources(model, sources, out, options, address)
+        result = watch_cameras(watched_cameras(model, sources or [], cameras), out, options, address)
     typer.echo(f"watched {len(result.cameras)} camera(s): {result.closed} event(s) -> {result.out / 'events.jsonl'}", err=True)
 
 

@@ -72,8 +72,7 @@ def camera_names(sources: list[str]) -> list[tuple[str, str]]:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("://", 1)[1]).strip("_.") or "camera"
         else:
             name = Path(source).stem or "camera"
-        if not is_url(source):
-            _check_file(source)
+        check_source(source)
         named.append((name, source))
     seen: collections.Counter = collections.Counter()
     unique = []
@@ -83,10 +82,12 @@ def camera_names(sources: list[str]) -> list[tuple[str, str]]:
     return unique
 
 
-def _check_file(source: str) -> None:
-    """A file source must exist and hold a video stream (a VideoError, before any cluster work)."""
+def check_source(source: str) -> None:
+    """A source that is not a URL must be a file that holds a video stream (SourceError or VideoError, before any cluster work)."""
     from padim_ray.video import _video_stream
 
+    if is_url(source):
+        return
     if not Path(source).is_file():
         raise SourceError(f"source {source} is neither a video file nor a URL ({', '.join(s.rstrip(':/') for s in URL_SCHEMES)})")
     with _video_stream(source):

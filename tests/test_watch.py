@@ -4,8 +4,11 @@ a snapshot); a dead camera is retried while the other is scored; SIGTERM closes 
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -18,8 +21,11 @@ import pytest
 import ray
 from PIL import Image
 
+from padim_ray.cameras import CameraListError, CameraSpec, watched_cameras
 from padim_ray.config import ConfigError
 from padim_ray.decisions import DecisionOptions
+from padim_ray.live_scoring import ACTOR_PREFIX
+from padim_ray.map_segments import MapSegments, SegmentOptions, parse_duration, read_segments
 from padim_ray.readers import Reader, SourceError, camera_names
 from padim_ray.score import Scorer
 from padim_ray.synthetic import _background, _Mover, _Scene, write_video
@@ -103,7 +109,7 @@ def test_a_clip_replayed_in_realtime_yields_its_event_live_with_a_snapshot(small
     start_local_ray()
     options = WatchOptions(fps=5, realtime=True, status_every=1, decisions=DecisionOptions(repr(threshold)))
     started = time.monotonic()
-    result = watch(str(small_model), [str(clip)], tmp_path / "out", options)
+    result = watch(watched_cameras(str(small_model), [str(clip)]), tmp_path / "out", options)
     took = time.monotonic() - started
     assert took >= FRAMES / CLIP_FPS  # replayed at its own rate, not as fast as it is scored
     stdout = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -181,14 +187,15 @@ def test_sigterm_closes_open_events_while_a_dead_camera_is_retried(small_model, 
 def test_a_live_camera_is_watched_through_its_stream_being_killed_and_started_again(small_model, clip, threshold, tmp_path, protocol):
     """A camera streaming MPEG-TS (tests/streams.py, the clip looped at its own rate), served over HTTP or sent over
     UDP: its event comes on stdout and in events.jsonl with a snapshot; the stream is killed mid-way (HTTP: the
-    connection drops; UDP: the datagrams stall) and started again on its port: the reader reconnects and the event
-    is found again in the new stream; SIGTERM then ends the command."""
+    connection drops; UDP: the datagrams stall) and started again on its port, and one of the two scoring actors
+    is killed meanwhile: the reader reconnects, the actor is replaced, and the event is found again in the new
+    stream; SIGTERM then ends the command."""
     start_local_ray()
     camera = LiveCamera(clip, protocol).start()
     out = tmp_path / "out"
     command = [
         str(BIN / "padim-ray"), "watch", str(small_model), f"gate={camera.url}", "--out", str(out), "--threshold", repr(threshold),
-        "--status-every", "0.5", "--address", ray.get_runtime_context().gcs_address,
+        "--scorers", "2", "--status-every", "0.5", "--address", ray.get_runtime_context().gcs_address,
     ]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(300, driver.kill)  # a bound for a hung command, not a race: every wait below is for a line
@@ -214,6 +221,8 @@ def test_a_live_camera_is_watched_through_its_stream_being_killed_and_started_ag
     try:
         first = next_notice(lambda n: n["notice"] == "closed")
         camera.kill()
+        [scorer, _] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ACTOR_PREFIX)]
+        ray.kill(ray.get_actor(scorer["name"], namespace=scorer["namespace"]))
         assert reconnecting.wait(120), "".join(errors)  # dropped (HTTP) or stalled past its read timeout (UDP)
         restarted = time.time()
         camera.start()
@@ -235,7 +244,7 @@ def test_a_live_camera_is_watched_through_its_stream_being_killed_and_started_ag
     assert all(Path(n["snapshot"]).is_file() for n in closed) and closed[-1]["event"] == again["event"]  # closed by the stop
     gate = [line for line in stderr.splitlines() if "camera gate:" in line]
     assert int(gate[-1].split("reconnects ")[1].split(",")[0]) >= 1 and "stopped" in gate[-1], stderr
-    assert "Traceback" not in stderr
+    assert "a scoring actor of" in stderr and "was lost" in stderr and "Traceback" not in stderr
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -263,7 +272,7 @@ def test_notices_are_posted_to_a_webhook_and_a_dead_one_costs_only_a_warning(sma
     receiver = Receiver()
     decisions = DecisionOptions(repr(threshold))
     try:
-        result = watch(str(small_model), [str(clip)], tmp_path / "out", WatchOptions(decisions=decisions, webhook=receiver.url))
+        result = watch(watched_cameras(str(small_model), [str(clip)]), tmp_path / "out", WatchOptions(decisions=decisions, webhook=receiver.url))
     finally:
         receiver.shutdown()
     written = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
@@ -271,10 +280,86 @@ def test_notices_are_posted_to_a_webhook_and_a_dead_one_costs_only_a_warning(sma
 
     caplog.set_level(logging.WARNING, logger="padim_ray.webhook")
     dead = WatchOptions(decisions=decisions, webhook=DEAD_URL)  # nothing listens
-    result = watch(str(small_model), [str(clip)], tmp_path / "dead", dead)
+    result = watch(watched_cameras(str(small_model), [str(clip)]), tmp_path / "dead", dead)
     assert result.closed == 1 and len((tmp_path / "dead" / "events.jsonl").read_text().splitlines()) == len(written)
     failures = [m for m in caplog.messages if "failed (" in m]
     assert len(failures) == 1 and "Connection refused" in failures[0]  # once per run of failures, not per notice
     assert caplog.messages[-1] == f"watch: webhook {DEAD_URL}: 0 notice(s) sent, {len(written)} failed, 0 not sent"
     with pytest.raises(ConfigError, match="--webhook must be an http"):
         WatchOptions(webhook="ftp://example.com/hook")
+
+
+def test_a_camera_list_gives_each_camera_its_source_model_and_threshold(small_model, clip, tmp_path):
+    listed = tmp_path / "cameras.toml"
+    listed.write_text(f'[cameras.door]\nsource = "{clip}"\nthreshold = "2/h"\n\n[cameras.lawn]\nsource = "{DEAD_URL}"\nmodel = "other"\n')
+    assert watched_cameras(str(small_model), [f"gate={clip}"], listed) == [
+        CameraSpec("gate", str(clip), str(small_model)), CameraSpec("door", str(clip), str(small_model), "2/h"), CameraSpec("lawn", DEAD_URL, "other"),
+    ]
+    bad = {
+        "": "must hold [cameras.NAME] tables",
+        "[cameras.a]\nsource = 1\n": "camera a: source must be a non-empty string",
+        "[cameras.a]\nmodel = 'm'\n": "camera a: no source",
+        "[cameras.a]\nsource = '/no/such.avi'\n": "neither a video file nor a URL",
+        f"[cameras.a]\nsource = '{clip}'\nfps = 3\n": "camera a: unknown key 'fps'",
+        f"[cameras.gate]\nsource = '{clip}'\n": "camera gate is named twice",
+        "[cameras\n": "is not TOML",
+    }
+    for text, message in bad.items():
+        listed.write_text(text)
+        with pytest.raises((CameraListError, SourceError), match=re.escape(message)):
+            watched_cameras(str(small_model), [f"gate={clip}"], listed)
+    listed.write_text(f"[cameras.a]\nsource = '{clip}'\n")
+    with pytest.raises(CameraListError, match=r"camera list .*cameras.toml, camera a: no model; give it model"):
+        watched_cameras(None, [], listed)
+    with pytest.raises(CameraListError, match=r"camera list .*missing.toml cannot be read"):
+        watched_cameras(str(small_model), [], tmp_path / "missing.toml")
+    out = tmp_path / "out"
+    assert_clean_failure(run("watch", "--cameras", tmp_path / "missing.toml", "--out", out), "missing.toml cannot be read", out=out)
+
+
+def test_cameras_of_two_models_are_scored_by_their_own_actors_with_their_own_thresholds(small_model, clip, threshold, tmp_path):
+    """A camera list: `gate` on a copy of the model with the threshold that finds the vehicle, `quiet` on the model
+    itself with one nothing reaches; both keep rolling map segments, whose maps are those the events came from."""
+    start_local_ray()
+    copy = tmp_path / "copy"
+    shutil.copytree(small_model, copy)
+    listed = tmp_path / "cameras.toml"
+    listed.write_text(f'[cameras.gate]\nsource = "{clip}"\nmodel = "{copy}"\nthreshold = "{threshold!r}"\n\n'
+                      f'[cameras.quiet]\nsource = "{clip}"\nthreshold = "1e9"\n')
+    options = WatchOptions(segments=SegmentOptions(seconds=1.0, side=16, retention=3600.0))
+    result = watch(watched_cameras(str(small_model), [], listed), tmp_path / "out", options, stdout=io.StringIO())
+    notices = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    assert {n["camera"] for n in notices} == {"gate"} and result.closed == 1 and notices[-1]["threshold"] == threshold
+    for name in ("gate", "quiet"):
+        status = result.cameras[name]
+        assert status["scored"] == status["read"] == 21 and status["dropped"] == 0 and status["state"] == "ended"
+        kept = read_segments(tmp_path / "out" / "maps" / name)
+        assert kept["maps"].shape == (21, 16, 16) and kept["maps"].dtype == np.float16 and list(kept["index"]) == list(range(21))
+    peak = notices[-1]["peak_frame"]
+    segment_peak = read_segments(tmp_path / "out" / "maps" / "gate")["maps"][peak].max()
+    assert 0.5 * notices[-1]["peak_score"] < segment_peak <= notices[-1]["peak_score"]  # area means of the same map
+
+
+def test_map_segments_roll_over_by_capture_time_and_expire_after_the_retention(tmp_path):
+    folder = tmp_path / "maps" / "gate"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("not a segment")  # never removed: not written by watch
+    segments = MapSegments(folder, SegmentOptions(seconds=1.0, side=8, retention=2.0))
+    rng = np.random.default_rng(3)
+    maps = rng.random((51, 32, 32), dtype=np.float32)
+    start = 1_700_000_000.0
+    for i in range(51):  # 10 s at 5 fps
+        segments.add(i, start + 0.2 * i, maps[i])
+    segments.close()
+    assert segments.written == 11 and segments.removed == 8  # each whole second, and the last frame alone
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["1700000008000-1700000008800.npz", "1700000009000-1700000009800.npz", "1700000010000-1700000010000.npz", "notes.txt"]
+    kept = read_segments(folder)
+    assert list(kept["index"]) == list(range(40, 51)) and np.allclose(kept["captured"], start + 0.2 * np.arange(40, 51))
+    area_means = maps[40:].reshape(11, 8, 4, 8, 4).mean(axis=(2, 4))
+    assert np.allclose(kept["maps"], area_means, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="--map-retention"):
+        SegmentOptions(seconds=60.0, retention=30.0)
+    assert parse_duration("90min", "--map-retention") == 5400.0
+    with pytest.raises(ConfigError, match="like 90s, 30min, 24h or 7d, got '3 weeks'"):
+        parse_duration("3 weeks", "--map-retention")
