@@ -12,7 +12,8 @@ camera dropped a frame and every camera's p99 is under 1 s.
 With --memory-minutes M, it then watches 2 cameras for M minutes (vtest looped back and forth to
 that length) and samples the PSS of the command's process tree every 30 s: memory must stay flat.
 
-    python scripts/bench_watch.py [--cameras 1 2 4 8] [--seconds 30] [--memory-minutes 10] [--json PATH]   # default: runs/bench/watch/
+    python scripts/bench_watch.py [--cameras 1 2 4 8] [--seconds 30] [--scorers N] [--source synthetic] [--memory-minutes 10]
+                                  [--json PATH]   # default: runs/bench/watch/
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import psutil
 
 import runrecord
 from bench_fit import fit_command
-from benchlib import REPO, footage, measure, padim_ray, tree_pss, workdir
+from benchlib import REPO, footage, measure, padim_ray, resolve_source, tree_pss, workdir
 
 STATUS = re.compile(
     r"camera (?P<camera>\S+): (?P<state>\w+), read (?P<read>\d+), scored (?P<scored>\d+), dropped (?P<dropped>\d+), "
@@ -48,21 +49,23 @@ def last_statuses(stderr: str) -> dict[str, dict]:
     return statuses
 
 
-def watch_command(cameras: int, clip: Path, model: Path, out: Path, fps: float, status_every: int) -> list[str]:
+def watch_command(cameras: int, clip: Path, model: Path, out: Path, fps: float, status_every: int, scorers: int = 0) -> list[str]:
     """`padim-ray watch` of `cameras` replays of `clip` at `fps`, with a threshold no frame reaches."""
     sources = [f"cam{i}={clip}" for i in range(cameras)]
-    return padim_ray("watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", status_every)
+    return padim_ray(
+        "watch", model, *sources, "--out", out, "--realtime", "--fps", fps, "--threshold", "1e30", "--status-every", status_every, "--scorers", scorers,
+    )
 
 
-def watch_row(cameras: int, clip: Path, model: Path, out: Path, fps: float) -> dict:
+def watch_row(cameras: int, clip: Path, model: Path, out: Path, fps: float, scorers: int) -> dict:
     """`padim-ray watch` of `cameras` replays of `clip`: what they read, scored and dropped, and their latencies."""
-    run = measure(watch_command(cameras, clip, model, out, fps, status_every=10))
+    run = measure(watch_command(cameras, clip, model, out, fps, status_every=10, scorers=scorers))
     statuses = last_statuses(run.stderr)
     if len(statuses) != cameras:
         raise SystemExit(f"expected the status of {cameras} cameras, got {sorted(statuses)}:\n{run.stderr[-3000:]}")
     values = list(statuses.values())
     row = {
-        "cameras": cameras, "fps": fps, "read": sum(s["read"] for s in values), "scored": sum(s["scored"] for s in values),
+        "cameras": cameras, "fps": fps, "scorers": scorers, "read": sum(s["read"] for s in values), "scored": sum(s["scored"] for s in values),
         "dropped": sum(s["dropped"] for s in values), "latency_ms_median_worst": max(s["median"] for s in values),
         "latency_ms_p99_worst": max(s["p99"] for s in values), "peak_gib": round(run.peak_bytes / 2**30, 2), "seconds": round(run.seconds, 1),
     }
@@ -97,23 +100,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=30, help="seconds of footage each camera replays")
     parser.add_argument("--fps", type=float, default=5.0, help="frames taken per second of each camera")
     parser.add_argument("--memory-minutes", type=float, default=0, help="then watch 2 cameras this long, sampling memory (0: not)")
-    parser.add_argument("--source", type=Path, default=REPO / "data" / "vtest.avi", help="the footage (scripts/fetch_vtest.sh)")
+    parser.add_argument("--source", type=Path, default=REPO / "data" / "vtest.avi", help="the footage (scripts/fetch_vtest.sh), or synthetic")
+    parser.add_argument("--scorers", type=int, default=0, help="watch --scorers: scoring actors (0: one per GPU, at least one)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "footage", help="re-encoded footage, kept between runs")
     parser.add_argument("--json", type=Path, default=runrecord.default_path("watch"), help="where to write the results (default: runs/bench/)")
     args = parser.parse_args()
-    with av.open(str(args.source)) as container:
+    source = resolve_source(args.source, args.cache.resolve()).resolve()
+    with av.open(str(source)) as container:
         rate = float(container.streams.video[0].average_rate)
     frames = round(args.seconds * rate)
-    clip = footage([frames], args.source.resolve(), args.cache.resolve())[frames]
+    clip = footage([frames], source, args.cache.resolve())[frames]
     rows, memory = [], {}
     with workdir() as tmp:
         measure(fit_command([clip], tmp / "model"))
         for cameras in args.cameras:
-            rows.append(watch_row(cameras, clip, tmp / "model", tmp / f"watch-{cameras}", args.fps))
+            rows.append(watch_row(cameras, clip, tmp / "model", tmp / f"watch-{cameras}", args.fps, args.scorers))
             print(rows[-1], flush=True)
         if args.memory_minutes > 0:
             long_frames = round(args.memory_minutes * 60 * rate)
-            long_clip = footage([long_frames], args.source.resolve(), args.cache.resolve())[long_frames]
+            long_clip = footage([long_frames], source, args.cache.resolve())[long_frames]
             samples = memory_series(long_clip, tmp / "model", tmp / "watch-memory", args.fps)
             memory = {"memory": {"cameras": MEMORY_CAMERAS, "minutes": args.memory_minutes, "samples": samples}}
             print(memory, flush=True)

@@ -89,9 +89,7 @@ def parse_args(doc: str, name: str, extra=None) -> argparse.Namespace:
 
 def footage(counts: list[int], source: Path, cache: Path) -> dict[int, Path]:
     """n frames of `source` re-encoded (mpeg4 in .avi, 8 Mbit/s, source size and rate), per n."""
-    cache.mkdir(parents=True, exist_ok=True)
-    if str(source) == SYNTHETIC:
-        source = _synthetic_clip(cache)
+    source = resolve_source(source, cache)
     if not source.exists():
         raise SystemExit(f"{source} is missing: run `bash scripts/fetch_vtest.sh` or pass --source")
     videos = {}
@@ -120,10 +118,14 @@ def clips(counts: list[int], source: Path, cache: Path, per_count: int) -> dict[
     return inputs
 
 
-def _synthetic_clip(cache: Path) -> Path:
-    """A 256-frame STC-sized (856x480) synthetic scene with walkers (padim_ray.synthetic), made once."""
+def resolve_source(source: Path, cache: Path) -> Path:
+    """`source`, or for --source synthetic a 256-frame STC-sized (856x480) synthetic scene with walkers
+    (padim_ray.synthetic), made once in `cache`."""
+    if str(source) != SYNTHETIC:
+        return source
     from padim_ray.synthetic import SyntheticSpec, make_synthetic
 
+    cache.mkdir(parents=True, exist_ok=True)
     clip = cache / "synthetic.avi"
     if not clip.exists():
         root = make_synthetic(cache / "synthetic-scene", SyntheticSpec(train_videos=1, train_frames=256, test_clips=0))

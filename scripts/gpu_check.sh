@@ -3,7 +3,7 @@
 # that has torch but cannot install anything (no network; see docs/gpu-check.md).
 #
 #   bash scripts/gpu_check.sh --prepare     # here: build .gpu-bundle/, the packages that machine lacks (CPython 3.12)
-#   bash scripts/gpu_check.sh [STEPS]       # there: install the bundle into a temp folder, run STEPS (default: a b c d)
+#   bash scripts/gpu_check.sh [STEPS]       # there: install the bundle into a temp folder, run STEPS (default: a b c d e)
 #   bash scripts/gpu_check.sh --rehearse    # here: the same steps, small, on this CPU, from a bundle for this Python
 #                                           # (kept in build/gpu-rehearsal), with only the GPU image's packages and no network
 #
@@ -14,6 +14,8 @@
 #   c  decoding frames/s in 1 and (cores - 1) processes on STC-sized video (scripts/bench_decode.py)
 #   d  with Ray: the pipeline on CUDA vs the CPU (tests/test_gpu.py), then fit and score of STC-sized
 #      footage in many clips (decoding on every core), marginal rates and the time for all 274,515 STC frames
+#   e  live cameras: `watch` of STC-sized clips replayed at their rate, 5 frames/s each, scored on the GPU
+#      (scripts/bench_watch.py): how many cameras one GPU and the machine's readers sustain, p99 under 1 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -44,7 +46,7 @@ case "${1:-}" in
 esac
 
 exec > >(tee "$out/gpu_check.log") 2>&1
-steps=${*:-a b c d}
+steps=${*:-a b c d e}
 bundle=${GPU_CHECK_BUNDLE:-$repo/.gpu-bundle}
 site=$(mktemp -d /tmp/padim-site-XXXX)
 failed=()
@@ -71,11 +73,11 @@ slowness=1
 if [ "${GPU_CHECK_SIZE:-full}" = small ]; then  # the rehearsal on a CPU machine: every step, small, on a slow CPU
   slowness=5
   device=cpu check=(--image-size 64 --frames 4) profile=(--batch-size 4 --batches 1 --update-mib 4 --image-size 64) wr50=(--batch-size 2)
-  decode=(--frames 32 128 --processes 1 "$cpus") clips=2 fit_frames=(32 64) score_frames=(16 32)
+  decode=(--frames 32 128 --processes 1 "$cpus") clips=2 fit_frames=(32 64) score_frames=(16 32) cameras=(1 2) camera_seconds=5
 else
   device=cuda check=() profile=(--batch-size 32 64 128 --batches 5 --update-mib 16 64) wr50=(--batch-size 16 32)
   decode=(--frames 256 1024 --processes 1 $((cpus - 1))) clips=$((cpus - 1)) fit_frames=($((256 * clips)) $((1024 * clips)))
-  score_frames=($((128 * clips)) $((512 * clips)))
+  score_frames=($((128 * clips)) $((512 * clips))) cameras=(8 16 32) camera_seconds=20
 fi
 
 for step in $steps; do
@@ -106,7 +108,9 @@ for name in ("fit", "score"):
               f"({STC_FRAMES} frames) in {STC_FRAMES / ours['marginal_fps'] / 60:.1f} min + {ours['fixed_seconds']:.0f} s fixed")
 EOF
        ;;
-    *) echo "unknown step $step (a, b, c or d)"; failed+=("$step") ;;
+    e) run e 300 "$python" scripts/bench_watch.py --source synthetic --cameras "${cameras[@]}" --seconds "$camera_seconds" \
+         --cache "$site/footage" --json "$out/bench_watch.json" ;;
+    *) echo "unknown step $step (a, b, c, d or e)"; failed+=("$step") ;;
   esac
 done
 rm -rf "$site"

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
-from collections import Counter
+
+# Before torch loads OpenMP here or in any process started from here (Ray workers, commands): the suite
+# runs two pytest workers, each with actors and decoders, on the machine's cores, and OpenMP threads that
+# spin while they wait for the others took the cores from them (two Lite0 embedders with 2 threads each
+# on 2 cores: 25 frames/s in all spinning, 63 passive; alone, one does 69 spinning and 43 passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import ray
@@ -15,12 +21,23 @@ from padim_ray.synthetic import make_synthetic
 from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, ray_started_with_endpoint, remove_ray_temp_dirs, start_local_ray
 
 
+# Test files by the time their tests took here (2 cores, both pytest workers busy), longest first. With
+# `--dist loadfile --no-loadscope-reorder` a worker takes the next file in this order when it finishes one,
+# so both end on short files at about the same time (ordered by test count, as xdist does by default, the
+# 100 s demo came last and ran alone for a minute). Files not listed follow in collection order; only the
+# order changes, every test runs.
+LONGEST_FIRST = [
+    "test_watch.py", "test_demo.py", "test_recovery.py", "test_readme.py", "test_unattended.py", "test_multinode.py",
+    "test_calibrate.py", "test_score_recovery.py", "test_cloud.py", "test_scenes.py", "test_real_footage.py", "test_fit.py",
+    "test_cli.py", "test_devices.py", "test_score.py", "test_job_submit.py", "test_decisions.py", "test_video.py",
+]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
-    """Files with the most slow tests first, each file's tests in their order: with `--dist loadfile` a
-    worker takes the next file when it finishes one, so both end on short files at about the same time."""
-    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])  # stable
+    """Files in LONGEST_FIRST's order, then the others; each file's tests in their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
 
 
 @pytest.fixture
@@ -29,14 +46,19 @@ def ray_local():
     yield
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free local port, the AWS_* variables pointing at it, and a bucket.
+@pytest.fixture(scope="session", autouse=True)
+def _s3_server(tmp_path_factory):
+    """A moto S3 server on a free local port, the AWS_* variables pointing at it, and a bucket; None without moto.
 
-    The variables stay set for the rest of the session, so Ray workers started from now on reach it
-    exactly as on a cluster whose nodes have AWS_ENDPOINT_URL set (see ray_s3).
+    Started before anything else (autouse), and its variables stay set for the whole session, so every
+    local Ray the session starts has workers that reach it exactly as on a cluster whose nodes have
+    AWS_ENDPOINT_URL set, and no Ray is restarted for a test that needs it.
     """
-    moto_server = pytest.importorskip("moto.server")
+    try:
+        from moto import server as moto_server
+    except ImportError:
+        yield None
+        return
     import s3fs
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
@@ -61,6 +83,14 @@ def s3(tmp_path_factory):
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(_s3_server):
+    """The session's S3 server's endpoint (see _s3_server); skips a test where moto is not installed."""
+    if _s3_server is None:
+        pytest.skip("moto is not installed (pip install -e '.[test]')")
+    return _s3_server
 
 
 @pytest.fixture
