@@ -29,9 +29,10 @@ STC_VIDEOS = {"01": 83, "02": 15, "03": 6, "04": 20, "05 + 07": 74, "06": 30, "0
 STC_FRAMES = 274_515
 
 
-def latest(bench_dir: Path, benchmark: str) -> dict | None:
-    """The most recent run of `benchmark` (by the date it records), or None if it never ran."""
+def latest(bench_dir: Path, benchmark: str, having: str | None = None) -> dict | None:
+    """The most recent run of `benchmark` (by the date it records) that records `having` (if given), or None."""
     runs = [json.loads(path.read_text()) for path in sorted((bench_dir / benchmark).glob("*.json"))]
+    runs = [run for run in runs if having is None or run.get(having)]
     return max(runs, key=lambda run: run["date"]) if runs else None
 
 
@@ -150,14 +151,16 @@ def watch(run: dict) -> list[str]:
     for r in run["rows"]:
         lines.append(f"| {r['cameras']} | {r['read']} | {r['scored']} | {r['dropped']} | {r['latency_ms_median_worst']} | "
                      f"{r['latency_ms_p99_worst']} | {r['peak_gib']:.2f} | {'yes' if r['sustained'] else 'no'} |")
-    memory = run.get("memory")
-    if memory:
-        samples = memory["samples"]
-        lines += ["", f"Memory over a {memory['minutes']:g}-minute watch of {memory['cameras']} cameras (PSS of the command's process tree, "
-                  f"every {samples[1]['seconds'] - samples[0]['seconds']} s):", "",
-                  "| minute | " + " | ".join(f"{s['seconds'] / 60:.1f}" for s in samples) + " |", "|---|" + "---|" * len(samples),
-                  "| GiB | " + " | ".join(gib(s["pss_bytes"]) for s in samples) + " |"]
     return lines
+
+
+def watch_memory(run: dict) -> list[str]:
+    memory = run["memory"]
+    samples = memory["samples"]
+    return [f"Memory over a {memory['minutes']:g}-minute watch of {memory['cameras']} cameras (PSS of the command's process tree, "
+            f"every {samples[1]['seconds'] - samples[0]['seconds']} s):", "",
+            "| minute | " + " | ".join(f"{s['seconds'] / 60:.1f}" for s in samples) + " |", "|---|" + "---|" * len(samples),
+            "| GiB | " + " | ".join(gib(s["pss_bytes"]) for s in samples) + " |"]
 
 
 def decode(run: dict) -> list[str]:
@@ -190,8 +193,10 @@ def findings(entries: list[dict], section: str) -> list[str]:
 RENDERERS = {
     "bench_fit": ("fit", against_bare), "bench_score": ("score", against_bare), "bench_peer": ("peer", peer),
     "bench_memory": ("memory", memory), "bench_reduce": ("reduce", reduce), "bench_scenes": ("scenes", scenes),
-    "bench_decode": ("decode", decode), "bench_watch": ("watch", watch), "profile_actor": ("profile_actor", profile_actor), "stc_time": ("fit", stc_time),
+    "bench_decode": ("decode", decode), "bench_watch": ("watch", watch), "bench_watch_memory": ("watch", watch_memory),
+    "profile_actor": ("profile_actor", profile_actor), "stc_time": ("fit", stc_time),
 }
+HAVING = {"bench_watch_memory": "memory"}  # blocks drawn from the latest run that measured this, not the latest run
 
 
 def block(name: str, bench_dir: Path) -> list[str]:
@@ -203,7 +208,7 @@ def block(name: str, bench_dir: Path) -> list[str]:
     if name not in RENDERERS:
         raise SystemExit(f"docs block <!-- {name} -->: no such table; known: {', '.join(sorted(RENDERERS))}, findings:SECTION")
     benchmark, render = RENDERERS[name]
-    run = latest(bench_dir, benchmark)
+    run = latest(bench_dir, benchmark, HAVING.get(name))
     if run is None:
         return [f"Not measured yet: run `python scripts/{benchmark if benchmark == 'profile_actor' else 'bench_' + benchmark}.py`, "
                 "then `python scripts/perf_tables.py`."]
