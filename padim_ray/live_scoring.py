@@ -54,16 +54,23 @@ class Restarts:
     """Lost scoring actors that may still be replaced, shared by every pool of a watch."""
 
     def __init__(self, most: int):
-        self.left, self.lost = most, 0
+        self.most, self.left = most, most
+
+    @property
+    def lost(self) -> int:
+        return self.most - self.left
 
 
-def actor_plan(actors: int) -> list[ActorSpec]:
-    """`actors` scoring actors: each 1 CPU and, on a cluster with GPUs, an equal share of them (at most one each);
-    without GPUs each takes the driver machine's cores but one (the readers decode there), shared."""
+def actor_plans(models: int, per_model: int) -> list[list[ActorSpec]]:
+    """The scoring actors of each of `models` pools: `per_model` each (0: one per GPU of the cluster, at
+    least one). Each takes 1 CPU and, on a cluster with GPUs, an equal share of them (at most one);
+    without GPUs they share the driver machine's cores but one (the readers decode there) as threads."""
     gpus = ray.cluster_resources().get("GPU", 0)
+    per_model = per_model or max(1, int(gpus) // models)
+    actors = per_model * models
     share = min(1.0, gpus / actors) if gpus else 0.0
     threads = 1 if share else max(1, ((os.cpu_count() or 2) - 1) // actors)
-    return [ActorSpec(1.0, share, threads) for _ in range(actors)]
+    return [[ActorSpec(1.0, share, threads) for _ in range(per_model)] for _ in range(models)]
 
 
 class ScorerPool:
@@ -118,7 +125,6 @@ class ScorerPool:
         if self.restarts.left <= 0:
             raise err
         self.restarts.left -= 1
-        self.restarts.lost += 1
         log.warning("watch: a scoring actor of %s was lost (%s); starting another", self.model, first_line(err)[:200])
         return self._start(lost.spec)
 

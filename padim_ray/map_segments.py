@@ -51,7 +51,7 @@ class SegmentOptions:
 
 
 class MapSegments:
-    """One camera's rolling map segments (see the module's docstring): add() each scored frame, close() at the end."""
+    """One camera's rolling map segments (see the module's docstring): add() each scored frame, flush() at the end."""
 
     def __init__(self, folder: Path, options: SegmentOptions):
         self.folder, self.options = Path(folder), options
@@ -80,9 +80,6 @@ class MapSegments:
         os.replace(temp, self.folder / name)
         self.written += 1
         self._expire(captured[-1] - self.options.retention)
-
-    def close(self) -> None:
-        self.flush()
 
     def _expire(self, before: float) -> None:
         for path in self.folder.iterdir():

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import ray
 from PIL import Image
 
 from padim_ray.camera_metrics import CameraMetrics
@@ -36,7 +35,7 @@ from padim_ray.config import ConfigError
 from padim_ray.decisions import Decision, DecisionOptions, resolve_decision
 from padim_ray.embedding import Embedder
 from padim_ray.events import Event, Notice, RegionTracker
-from padim_ray.live_scoring import Restarts, ScorerPool, actor_plan
+from padim_ray.live_scoring import Restarts, ScorerPool, actor_plans
 from padim_ray.map_segments import MapSegments, SegmentOptions
 from padim_ray.readers import Reader, Sample
 from padim_ray.runtime import connect, describe_plan
@@ -210,11 +209,9 @@ def watch(cameras: list[CameraSpec], out: str | Path, options: WatchOptions = Wa
     sink = EventSink(out, stdout, Webhook(options.webhook) if options.webhook else None)
     restarts, pools, watched = Restarts(options.max_restarts), {}, []
     try:
-        plan = actor_plan(options.scorers * len(plans) or _one_per_gpu(len(plans)))
-        per_model = len(plan) // len(plans)
-        for i, (model, model_plan) in enumerate(plans.items()):
-            pools[model] = ScorerPool(model_plan.path, plan[i * per_model : (i + 1) * per_model], restarts)
-        log.info("watch: %d camera(s), %d scoring actor(s) per model (%s) -> %s", len(cameras), per_model, describe_plan(plan[:per_model]), out)
+        for (model, model_plan), actors in zip(plans.items(), actor_plans(len(plans), options.scorers)):
+            pools[model] = ScorerPool(model_plan.path, actors, restarts)
+        log.info("watch: %d camera(s), scoring actors per model: %s -> %s", len(cameras), describe_plan(actors), out)
         for spec in cameras:
             watched.append(_camera(spec, plans[spec.model], pools[spec.model], out, options))
         _loop(watched, list(pools.values()), sink, metrics, options)
@@ -230,12 +227,6 @@ def watch(cameras: list[CameraSpec], out: str | Path, options: WatchOptions = Wa
         for camera in watched:
             log.info("watch: %s", format_status(camera.status()))
     return WatchResult(out, sink.closed, {camera.name: camera.status() for camera in watched}, restarts.lost)
-
-
-def _one_per_gpu(models: int) -> int:
-    """Scoring actors for all models together when --scorers is 0: one per GPU, at least one per model."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return max(1, gpus // models) * models
 
 
 def _camera(spec: CameraSpec, plan: ModelPlan, pool: ScorerPool, out: Path, options: WatchOptions) -> Camera:
@@ -332,4 +323,4 @@ def _finish(camera: Camera, sink: EventSink, ending: str) -> None:
     for notice in camera.tracker.finish():
         sink.emit(camera, notice, time.time())
     if camera.segments:
-        camera.segments.close()
+        camera.segments.flush()

@@ -18,7 +18,7 @@ import ray
 from padim_ray.config import ClusterConfig
 from padim_ray.files import Location
 from padim_ray.synthetic import make_synthetic
-from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, ray_started_with_endpoint, remove_ray_temp_dirs, start_local_ray
+from helpers import BUCKET, SMALL_CLUSTER, SMALL_DATA, SMALL_MODEL, remove_ray_temp_dirs, start_local_ray
 
 
 # Test files by the time their tests took here (2 cores, both pytest workers busy), longest first. With
@@ -95,9 +95,7 @@ def s3(_s3_server):
 
 @pytest.fixture
 def ray_s3(s3):
-    """The session's local Ray, restarted if its workers were started before the S3 variables were set."""
-    if ray.is_initialized() and ray_started_with_endpoint() != s3:
-        ray.shutdown()
+    """The session's local Ray, whose workers reach the S3 server (its variables are set before any Ray starts: _s3_server)."""
     start_local_ray()
     yield
 

@@ -5,7 +5,6 @@ tests disturb. Fixtures live in conftest.py; test modules import from here, neve
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import sys
 import tempfile
@@ -56,7 +55,6 @@ SMALL_CLUSTER_OPTIONS = cluster_options(SMALL_CLUSTER)
 # a fit here (test_calibrate.py tests it); a test that wants it passes --calibration F after these (the last one counts)
 SMALL_FIT = [*model_options(SMALL_MODEL), *SMALL_CLUSTER_OPTIONS, "--calibration", "0"]
 
-_RAY_STARTED_WITH = {}  # the S3 endpoint the running local Ray's workers inherited
 _RAY_TEMP_DIRS: list[str] = []  # the temp dirs of the local Rays this session started (logs, sockets)
 
 
@@ -67,7 +65,6 @@ def start_local_ray() -> None:
     (a user's padim-ray, a benchmark) never attaches to it, and the suite never touches theirs.
     """
     if not ray.is_initialized():
-        _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
         _RAY_TEMP_DIRS.append(tempfile.mkdtemp(prefix="padim-ray-tests-"))
         ray.init(
             address="local", num_cpus=LOCAL_CPUS, object_store_memory=1 << 30, include_dashboard=False, _temp_dir=_RAY_TEMP_DIRS[-1],
@@ -78,11 +75,6 @@ def remove_ray_temp_dirs() -> None:
     """Remove the temp dirs of the local Rays this session started, once they are shut down (3 MB to 400 MB each)."""
     while _RAY_TEMP_DIRS:
         shutil.rmtree(_RAY_TEMP_DIRS.pop(), ignore_errors=True)
-
-
-def ray_started_with_endpoint() -> str | None:
-    """The S3 endpoint the running local Ray's workers inherited."""
-    return _RAY_STARTED_WITH.get("endpoint")
 
 
 def set_moto_auth(endpoint: str, count: str) -> None:

@@ -350,7 +350,7 @@ def test_map_segments_roll_over_by_capture_time_and_expire_after_the_retention(t
     start = 1_700_000_000.0
     for i in range(51):  # 10 s at 5 fps
         segments.add(i, start + 0.2 * i, maps[i])
-    segments.close()
+    segments.flush()
     assert segments.written == 11 and segments.removed == 8  # each whole second, and the last frame alone
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["1700000008000-1700000008800.npz", "1700000009000-1700000009800.npz", "1700000010000-1700000010000.npz", "notes.txt"]
